@@ -1,0 +1,85 @@
+"""The command line: ``palpo-gate [--config PATH]``, ``palpo-gate check``,
+``palpo-gate --version`` (SPEC section 6).
+
+This module owns exit statuses: 0 for a clean stop or a valid config, 2 for
+a config that cannot be used (every error printed with its key path, no
+traceback), 1 for anything else that stops the gate from starting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+from . import config as configmod
+from .accesslog import setup_access_logger
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="palpo-gate",
+        description="A Matrix-correct reverse proxy for the Palpo homeserver. "
+                    "With no --config it runs the built-in local dev config: "
+                    "http://127.0.0.1:8080 → http://127.0.0.1:8008.")
+    p.add_argument("--version", action="version", version=f"palpo-gate {__version__}")
+    p.add_argument("--config", "-c", metavar="PATH", help="the TOML config file")
+    sub = p.add_subparsers(dest="command")
+    check = sub.add_parser("check", help="validate the config and print the effective config")
+    check.add_argument("--config", "-c", metavar="PATH", dest="check_config",
+                       help="the TOML config file")
+    return p
+
+
+def _fail_config(exc: configmod.ConfigError) -> int:
+    print("palpo-gate: invalid configuration:", file=sys.stderr)
+    for line in exc.errors:
+        print(f"  {line}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = getattr(args, "check_config", None) or args.config
+    try:
+        cfg = configmod.load(path)
+        from .server import C_PARSER, ssl_contexts
+
+        ssl_contexts(cfg)  # certificates are part of a valid config
+    except configmod.ConfigError as exc:
+        return _fail_config(exc)
+    if args.command == "check":
+        sys.stdout.write(configmod.dump(cfg))
+        print(f"palpo-gate: configuration {cfg.source} is valid", file=sys.stderr)
+        return 0
+    return run(cfg, C_PARSER)
+
+
+def run(cfg: configmod.Config, c_parser: bool) -> int:
+    logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_access_logger()
+    log = logging.getLogger("palpo_gate")
+    if not c_parser:
+        log.error("aiohttp's C HTTP parser is not loaded (AIOHTTP_NO_EXTENSIONS set, or no "
+                  "binary wheel for this platform); refusing to run with the pure-Python "
+                  "parser, which has let request-smuggling vectors through")
+        return 1
+    from .server import serve
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        return runner(serve(cfg))
+    except configmod.ConfigError as exc:
+        return _fail_config(exc)
+    except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled in serve()
+        return 0

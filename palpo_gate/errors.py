@@ -1,0 +1,89 @@
+"""The error funnel: every failure the gate answers itself becomes one status,
+one body and one log word here (SPEC section 5).
+
+Upstream failures are raised as :class:`GateError` subclasses anywhere in the
+IO shell and turned into a response only by :func:`error_body` and the proxy's
+single ``except GateError`` clause. A client that disconnects is not an error.
+"""
+
+from __future__ import annotations
+
+import json
+
+#: Matrix error codes for the statuses the gate produces itself.
+ERRCODES: dict[int, str] = {
+    400: "M_UNKNOWN",
+    403: "M_FORBIDDEN",
+    404: "M_UNRECOGNIZED",
+    405: "M_UNRECOGNIZED",
+    408: "M_UNKNOWN",
+    413: "M_TOO_LARGE",
+    421: "M_UNKNOWN",
+    500: "M_UNKNOWN",
+    502: "M_UNKNOWN",
+    503: "M_UNKNOWN",
+    504: "M_UNKNOWN",
+}
+
+
+class GateError(Exception):
+    """A failure the gate answers with *status*; *reason* is shown to the client."""
+
+    status = 502
+    log_word = "error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UpstreamUnavailable(GateError):
+    """Connection refused, unreachable, reset before any response byte (502)."""
+
+    status = 502
+    log_word = "upstream_connect_error"
+
+
+class UpstreamConnectTimeout(GateError):
+    status = 504
+    log_word = "upstream_connect_timeout"
+
+
+class UpstreamTimeout(GateError):
+    """No response byte within upstream.read_timeout (504)."""
+
+    status = 504
+    log_word = "upstream_timeout"
+
+
+class UpstreamBroken(GateError):
+    """The upstream closed or sent garbage mid-response (502, or the client
+    connection is closed if the response has begun)."""
+
+    status = 502
+    log_word = "upstream_broken"
+
+
+class BodyTooLarge(GateError):
+    status = 413
+    log_word = "body_too_large"
+
+
+class BodyTimeout(GateError):
+    """The client paused its request body longer than limits.body_timeout."""
+
+    status = 408
+    log_word = "body_timeout"
+
+
+class BadRequestBody(GateError):
+    status = 400
+    log_word = "bad_request_body"
+
+
+def error_body(status: int, reason: str, matrix: bool) -> tuple[bytes, str]:
+    """(body, content type) of an error the gate answers itself."""
+    if matrix:
+        body = json.dumps({"errcode": ERRCODES.get(status, "M_UNKNOWN"), "error": reason})
+        return body.encode(), "application/json"
+    return f"{status} {reason}\n".encode(), "text/plain; charset=utf-8"

@@ -1,0 +1,359 @@
+"""The request handler: one client request in, one response out.
+
+This module is the IO shell around the pure core. For each request it asks
+:mod:`routing` what to do, answers the gate's own endpoints (``/health``,
+``.well-known``, errors), and for forwarded requests builds the head with
+:mod:`headers`, streams the body both ways through an :mod:`upstream`
+connection, and enforces the body limits. Every failure goes through the one
+``except GateError`` funnel in :meth:`ListenerHandler.__call__`.
+
+Shared state lives in :class:`Generation` (one config, its pool, its
+documents); per-listener state in :class:`ListenerHandler`; per-request
+state stays in local variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import headers as hdr
+from . import wellknown
+from .accesslog import AccessLog
+from .config import Config, Listener
+from .errors import (
+    BadRequestBody,
+    BodyTimeout,
+    BodyTooLarge,
+    GateError,
+    UpstreamBroken,
+    error_body,
+)
+from .routing import Action, Router
+from .upstream import Connection, Pool
+
+log = logging.getLogger("palpo_gate")
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUSES = frozenset({204, 304})
+_WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
+
+
+class Generation:
+    """Everything built from one config: shared by all listeners of that config."""
+
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.cfg = cfg
+        self.pool = Pool(cfg.upstream, loop)
+        self.documents = wellknown.build(cfg.well_known) if cfg.well_known else None
+        self.access = AccessLog(cfg.log.access)
+        self.allow_admin = cfg.admin.allow_from
+        self.trusted = cfg.forwarding.trusted_proxies
+        self.rid_name = cfg.forwarding.request_id_header.encode()
+        self.rid_lower = self.rid_name.lower()
+        self.limits = cfg.limits
+        self.read_timeout = cfg.upstream.read_timeout
+
+
+def _in(addr: str, networks: tuple[Any, ...]) -> bool:
+    if not networks or not addr:
+        return False
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+        ip = ip.ipv4_mapped  # type: ignore[union-attr]
+    return any(ip in net for net in networks)
+
+
+class ListenerHandler:
+    """The aiohttp low-level handler of one listener."""
+
+    def __init__(self, gen: Generation, listener: Listener) -> None:
+        self.gen = gen
+        self.listener = listener
+        self.name = listener.name
+        self.router = Router(listener.prefixes, gen.cfg.admin.blocked_prefixes,
+                             gen.documents is not None)
+        self.proto = b"https" if listener.tls else b"http"
+        self.hosts = listener.hosts
+        #: the port added to a Host without one; set once the socket is bound
+        self.port = listener.bind.port if listener.bind.kind == "tcp" else 0
+        self.fallback_host = b"localhost"
+
+    def bound(self, sockname: Any) -> None:
+        """Record the address the listener socket really got (port 0 → a real port)."""
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            self.port = int(sockname[1])
+            host = str(sockname[0])
+            host = f"[{host}]" if ":" in host else host
+            self.fallback_host = f"{host}:{self.port}".encode()
+
+    # -- the funnel -------------------------------------------------------------
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        gen = self.gen
+        started = time.monotonic()
+        target = request.raw_path
+        method = request.method
+        decision = self.router.decide(method, target)
+        action = decision.action
+        if action is Action.HEALTH:
+            return _health(method)
+
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client = peer[0] if isinstance(peer, tuple) else "unix:"
+        raw_headers = request.raw_headers
+        rid = hdr.header_value(raw_headers, gen.rid_lower)
+        if not hdr.sane_request_id(rid):
+            rid = hdr.new_request_id()
+        assert rid is not None
+        rec = _Record()
+        resp: web.StreamResponse | None = None
+        try:
+            if self.hosts is not None and not self._host_allowed(request):
+                resp = self._error(421, "this server does not answer for that host",
+                                   decision.matrix, rid)
+            elif action is Action.FORWARD or (
+                    action is Action.ADMIN and _in(client, gen.allow_admin)):
+                resp = await self._forward(request, method, target, raw_headers, client, rid, rec)
+            elif action is Action.ADMIN:
+                resp = self._error(403, "the admin API is not reachable through this gateway",
+                                   True, rid)
+            elif action is Action.WELL_KNOWN_SERVER or action is Action.WELL_KNOWN_CLIENT:
+                resp = self._well_known(method, action, rid)
+            elif action is Action.BAD_REQUEST:
+                resp = self._error(400, f"bad request target: {decision.reason}",
+                                   decision.matrix, rid, close=True)
+            elif action is Action.METHOD_NOT_ALLOWED:
+                resp = self._error(405, decision.reason, decision.matrix, rid)
+            elif action is Action.OPTIONS_ASTERISK:
+                resp = web.Response(status=200, headers={
+                    "Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS"})
+            else:
+                resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
+        except GateError as exc:
+            rec.error = exc.log_word
+            if rec.response is not None and rec.response.prepared:
+                # The response has begun: the only honest signal left is to
+                # close the connection (never a clean short body).
+                request.protocol.force_close()
+                resp = rec.response
+            else:
+                resp = self._error(exc.status, exc.reason, decision.matrix, rid,
+                                   close=exc.status in (400, 408, 413))
+        finally:
+            if gen.access.enabled:
+                gen.access.write(request, self.name, client, rec, started, rid, resp)
+        return resp
+
+    # -- local answers -------------------------------------------------------------
+
+    def _host_allowed(self, request: web.BaseRequest) -> bool:
+        host = request.headers.get("Host", "").lower()
+        if host.startswith("["):
+            host = host[: host.find("]") + 1]
+        else:
+            host = host.rsplit(":", 1)[0] if ":" in host else host
+        assert self.hosts is not None
+        return host.rstrip(".") in self.hosts
+
+    def _error(self, status: int, reason: str, matrix: bool, rid: bytes,
+               close: bool = False) -> web.Response:
+        body, ctype = error_body(status, reason, matrix)
+        resp = web.Response(status=status, body=body, headers={"Content-Type": ctype})
+        if matrix:
+            resp.headers.extend(wellknown.CORS_HEADERS)
+        resp.headers[self.gen.rid_name.decode()] = rid.decode()
+        if close:
+            resp.force_close()
+        return resp
+
+    def _well_known(self, method: str, action: Action, rid: bytes) -> web.Response:
+        docs = self.gen.documents
+        assert docs is not None
+        if method == "OPTIONS":
+            return web.Response(status=204, headers=_WK_HEADERS)
+        if method not in ("GET", "HEAD"):
+            resp = self._error(405, "method not allowed", True, rid)
+            resp.headers["Allow"] = "GET, HEAD, OPTIONS"
+            return resp
+        body = docs.server if action is Action.WELL_KNOWN_SERVER else docs.client
+        if body is None:
+            return self._error(404, "not configured on this gateway", True, rid)
+        resp = web.Response(status=200, body=body, headers=_WK_HEADERS)
+        resp.content_type = "application/json"
+        return resp
+
+    # -- forwarding -------------------------------------------------------------------
+
+    async def _forward(self, request: web.BaseRequest, method: str, target: str,
+                       raw_headers: Any, client: str, rid: bytes, rec: _Record
+                       ) -> web.StreamResponse:
+        gen = self.gen
+        limits = gen.limits
+        # Framing (RFC 9112 section 6.1): the C parser already refused CL+TE,
+        # repeated TE and bad chunk sizes; a coding other than chunked is ours.
+        te = request.headers.get("Transfer-Encoding")
+        chunked = te is not None
+        if chunked and te.strip().lower() != "chunked":  # type: ignore[union-attr]
+            raise BadRequestBody("only Transfer-Encoding: chunked is accepted")
+        length = request.content_length
+        if length is not None and length > limits.max_body_size:
+            raise BodyTooLarge(f"request body over the limit of {limits.max_body_size} bytes")
+        if chunked:
+            framing = b"Transfer-Encoding: chunked"
+        elif length is not None:
+            framing = b"Content-Length: %d" % length
+        else:
+            framing = b""
+        has_body = chunked or bool(length)
+        if has_body and request.version >= (1, 1):
+            expect = request.headers.get("Expect")
+            if expect is not None and expect.lower() == "100-continue":
+                # web.Server never answers Expect itself; the size check above
+                # has passed, so invite the body now (RFC 9110 section 10.1.1).
+                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
+
+        head = hdr.build_request_head(
+            method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
+            client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
+            host=hdr.host_with_port(hdr.header_value(raw_headers, b"host"), self.port,
+                                    self.fallback_host),
+            request_id_name=gen.rid_name, request_id=rid, framing=framing)
+
+        pump: _BodyPump | None = None
+        conn: Connection | None = None
+        try:
+            for attempt in (0, 1):
+                conn = await (gen.pool.acquire() if attempt == 0 else gen.pool.connect())
+                conn.begin(head_only=method == "HEAD")
+                conn.write(head)
+                if has_body:
+                    pump = _BodyPump(request, conn, chunked, limits.max_body_size,
+                                     limits.body_timeout, gen.read_timeout)
+                try:
+                    status, reason, up_headers = await conn.read_head(gen.read_timeout)
+                    break
+                except UpstreamBroken:
+                    # A pooled connection the upstream closed while idle: retry
+                    # once on a fresh one, but only if nothing of the response
+                    # came and no body byte was taken from the client.
+                    if (attempt == 0 and conn.reused and not conn.got_bytes
+                            and (pump is None or pump.consumed == 0)):
+                        if pump is not None:
+                            pump.cancel()
+                            pump = None
+                        conn.finish(reusable=False)
+                        continue
+                    raise
+            rec.upstream_status = status
+            resp = web.StreamResponse(status=status, reason=reason.decode("latin-1") or None)
+            out = resp.headers
+            length_out: bytes | None = None
+            for name, value in hdr.response_headers(up_headers):
+                out.add(name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in up_headers:
+                if name.lower() == b"content-length":
+                    length_out = value
+            out[gen.rid_name.decode()] = rid.decode()
+            if length_out is not None and status not in _NO_BODY_STATUSES:
+                resp.content_length = int(length_out)
+            rec.response = resp
+            await resp.prepare(request)
+            if method != "HEAD" and status not in _NO_BODY_STATUSES:
+                read_body = conn.read_body
+                write = resp.write
+                timeout = gen.read_timeout
+                while data := await read_body(timeout):
+                    rec.bytes_out += len(data)
+                    await write(data)
+            await resp.write_eof()
+            body_done = pump is None or pump.done()
+            if pump is not None:
+                rec.bytes_in = pump.consumed
+            conn.finish(reusable=body_done)
+            conn = None
+            return resp
+        finally:
+            if pump is not None:
+                rec.bytes_in = pump.consumed
+                pump.cancel()
+            if conn is not None:
+                conn.finish(reusable=False)
+
+
+class _BodyPump:
+    """Copies the client's request body to the upstream as it arrives."""
+
+    def __init__(self, request: web.BaseRequest, conn: Connection, chunked: bool,
+                 limit: int, body_timeout: float, write_timeout: float) -> None:
+        self.consumed = 0
+        self._request = request
+        self._conn = conn
+        self._chunked = chunked
+        self._limit = limit
+        self._body_timeout = body_timeout
+        self._write_timeout = write_timeout
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="body-pump")
+
+    def done(self) -> bool:
+        return self._task.done() and not self._task.cancelled() and \
+            self._task.exception() is None
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        conn = self._conn
+        try:
+            content = self._request.content
+            while True:
+                try:
+                    async with asyncio.timeout(self._body_timeout):
+                        data = await content.readany()
+                except TimeoutError:
+                    raise BodyTimeout("request body stalled") from None
+                if not data:
+                    break
+                self.consumed += len(data)
+                if self.consumed > self._limit:
+                    raise BodyTooLarge(f"request body over the limit of {self._limit} bytes")
+                if self._chunked:
+                    conn.write(b"%x\r\n" % len(data) + data + b"\r\n")
+                else:
+                    conn.write(data)
+                await conn.drain(self._write_timeout)
+            if self._chunked:
+                conn.write(b"0\r\n\r\n")
+        except GateError as exc:
+            conn.fail(exc)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # the client's body could not be read
+            conn.fail(BadRequestBody(f"request body unreadable: {exc}"))
+
+
+class _Record:
+    """What the access log says about one request."""
+
+    __slots__ = ("bytes_in", "bytes_out", "error", "response", "upstream_status")
+
+    def __init__(self) -> None:
+        self.upstream_status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error = ""
+        self.response: web.StreamResponse | None = None
+
+
+def _health(method: str) -> web.Response:
+    if method in ("GET", "HEAD"):
+        return web.Response(text="OK\n")
+    return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"})

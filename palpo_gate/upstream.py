@@ -1,0 +1,326 @@
+"""The upstream leg: a keep-alive pool of HTTP/1.1 connections to Palpo.
+
+This module owns the connections to the upstream (TCP or UNIX socket) and the
+parsing of its responses (httptools). It writes the request head it is given
+as bytes, unchanged: the target the client sent is the target Palpo gets. It
+knows nothing of routing or of the client side.
+
+Why not aiohttp's ClientSession: it re-quotes or drops parts of the target
+(a trailing ``?``, ``#frag``), adds headers of its own, and costs about 2.7x
+the CPU per request (see AIOHTTP-FACTS section 8).
+
+Rules kept here:
+- a connection goes back to the pool only when its response was read to the
+  end and both sides allow keep-alive; anything else closes it;
+- a response to HEAD is taken as complete at its head, and that connection
+  is closed (httptools cannot be told the response has no body);
+- every failure becomes one of the :mod:`errors` classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from typing import Any
+
+import httptools
+
+from .config import Upstream
+from .errors import UpstreamBroken, UpstreamConnectTimeout, UpstreamTimeout, UpstreamUnavailable
+
+#: Pause reading from the upstream when this much response body is buffered
+#: and the client is not taking it: memory stays flat on big downloads.
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+
+
+class Connection(asyncio.Protocol):
+    """One upstream connection; carries one exchange at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        #: True when this connection served an earlier exchange (came from the pool)
+        self.reused = False
+        self._in_exchange = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reset_exchange(False)
+
+    def _reset_exchange(self, head_only: bool) -> None:
+        self._head_only = head_only
+        self.got_bytes = False
+        self.status = 0
+        self._reason = bytearray()
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._head_ready = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._read_paused = False
+        self.complete = False
+        self._keep_alive = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._body_until_close = False
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_exchange:
+            # Bytes nobody asked for: the connection is out of step; drop it.
+            self._close()
+            return
+        self.got_bytes = True
+        if self.complete:
+            return  # bytes after a HEAD response's head: the connection is closed after
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBroken(f"invalid response from upstream: {exc}"))
+            self._close()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool._discard(self)
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(UpstreamBroken("upstream closed the connection"))
+        if not self._in_exchange or self.complete:
+            return
+        if self._head_ready and self._body_until_close:
+            # RFC 9112 section 6.3 rule 8: the body ends when the connection does.
+            self.complete = True
+            self._wake()
+            return
+        self._fail(UpstreamBroken("upstream closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- httptools callbacks --------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reason.clear()
+        self.headers = []
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # interim response (100, 103): not forwarded; wait for the final one
+        self.status = status
+        self._head_ready = True
+        if self._head_only:
+            self.complete = True
+        elif status not in (204, 304):
+            self._body_until_close = not any(
+                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._read_paused and self.transport:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self._head_ready:
+            return  # end of an interim response
+        # Read it here: httptools forgets it once feed_data() returns.
+        self._keep_alive = self._parser.should_keep_alive()
+        self.complete = True
+        self._wake()
+
+    # -- the exchange -----------------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._exc is None:
+            self._exc = exc
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """Abort the exchange with *exc* (raised to whoever waits on it)."""
+        self._fail(exc)
+        self._close(abort=True)
+
+    def begin(self, head_only: bool) -> None:
+        self._in_exchange = True
+        self._reset_exchange(head_only)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise self._exc or UpstreamBroken("upstream closed the connection")
+        self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the upstream takes what was written (backpressure)."""
+        if self._exc is not None:
+            raise self._exc
+        if not self._write_paused:
+            return
+        self._drain_waiter = self._loop.create_future()
+        handle = self._loop.call_later(timeout, self._timeout, self._drain_waiter,
+                                       "upstream did not read the request body in time")
+        try:
+            await self._drain_waiter
+        finally:
+            handle.cancel()
+            self._drain_waiter = None
+
+    def _timeout(self, fut: asyncio.Future[None], why: str) -> None:
+        if not fut.done():
+            fut.set_exception(UpstreamTimeout(why))
+
+    async def _wait(self, timeout: float, why: str) -> None:
+        fut = self._waiter = self._loop.create_future()
+        handle = self._loop.call_later(timeout, self._timeout, fut, why)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    async def read_head(self, timeout: float) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """Wait for the response head: (status, reason, raw headers)."""
+        while not self._head_ready:
+            if self._exc is not None:
+                raise self._exc
+            await self._wait(timeout, "upstream did not answer in time")
+        return self.status, bytes(self._reason), self.headers
+
+    async def read_body(self, timeout: float) -> bytes:
+        """The next piece of the response body; b"" at its end."""
+        while True:
+            if self._chunks:
+                if len(self._chunks) == 1:
+                    data = self._chunks.popleft()
+                else:
+                    data = b"".join(self._chunks)
+                    self._chunks.clear()
+                self._buffered = 0
+                if self._read_paused and self.transport is not None:
+                    self._read_paused = False
+                    self.transport.resume_reading()
+                return data
+            if self.complete:
+                return b""
+            if self._exc is not None:
+                raise self._exc
+            await self._wait(timeout, "upstream stopped sending the response")
+
+    def finish(self, reusable: bool) -> None:
+        """End the exchange: back to the pool if the response was read whole and
+        both sides keep the connection alive, closed otherwise."""
+        self._in_exchange = False
+        if (reusable and self.complete and self._keep_alive and not self._head_only
+                and not self.closed and self._exc is None):
+            self._reset_exchange(False)
+            self._pool._release(self)
+        else:
+            self._close(abort=True)
+
+    def _close(self, abort: bool = False) -> None:
+        self._in_exchange = False
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        self._pool._discard(self)
+
+
+class Pool:
+    """Idle keep-alive connections to one upstream, newest first."""
+
+    def __init__(self, cfg: Upstream, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.cfg = cfg
+        self.loop = loop or asyncio.get_running_loop()
+        self._idle: list[Connection] = []
+        self._all: set[Connection] = set()
+        path = cfg.path
+        self._unix_path = "\0" + path[1:] if path.startswith("@") else path
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._all)
+
+    async def acquire(self) -> Connection:
+        """A pooled connection if one is idle, else a new one."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return await self.connect()
+
+    async def connect(self) -> Connection:
+        cfg = self.cfg
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                if cfg.kind == "unix":
+                    _, conn = await self.loop.create_unix_connection(
+                        lambda: Connection(self), self._unix_path)
+                else:
+                    _, conn = await self.loop.create_connection(
+                        lambda: Connection(self), cfg.host, cfg.port)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(
+                f"upstream {cfg.url} did not accept a connection in time") from None
+        except OSError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {cfg.url} unreachable: {exc.strerror or exc}") from None
+        sock: Any = conn.transport.get_extra_info("socket") if conn.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._all.add(conn)
+        return conn
+
+    def _release(self, conn: Connection) -> None:
+        if len(self._idle) < self.cfg.pool_size:
+            self._idle.append(conn)
+        else:
+            conn._close()
+
+    def _discard(self, conn: Connection) -> None:
+        self._all.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self._all):
+            conn._close()
+        self._idle.clear()
