@@ -20,15 +20,14 @@ import ipaddress
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib
-else:  # pragma: no cover - Python 3.10 and older
-    import tomli as tomllib
+except ImportError:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -202,7 +201,8 @@ def parse_duration(value: object) -> float:
     elif isinstance(value, str):
         m = _DURATION_RE.match(value)
         if not m:
-            raise _Bad(f"invalid duration {value!r} (use seconds, or e.g. \"500ms\", \"30s\", \"2m\")")
+            raise _Bad(f"invalid duration {value!r} "
+                       "(use seconds, or e.g. \"500ms\", \"30s\", \"2m\")")
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise _Bad("expected a duration (seconds, or a string like \"30s\")")
@@ -238,7 +238,8 @@ def parse_size(value: object) -> int:
 def parse_bind(value: object, *, allow_systemd: bool = True) -> Bind:
     """``0.0.0.0:443``, ``[::]:8448``, ``unix:/path.sock`` or ``systemd:NAME``."""
     if not isinstance(value, str) or not value:
-        raise _Bad("expected a string such as \"0.0.0.0:443\", \"[::]:8448\" or \"unix:/path.sock\"")
+        raise _Bad("expected a string such as \"0.0.0.0:443\", \"[::]:8448\" "
+                   "or \"unix:/path.sock\"")
     if value.startswith("unix:"):
         path = value[5:]
         if not path.startswith("/") and not path.startswith("@"):
@@ -290,7 +291,8 @@ def _split_host_port(value: str) -> tuple[str, int | None]:
 def parse_upstream_url(value: object) -> tuple[str, str, int, str]:
     """``http://host:port`` or ``unix:/path`` → (kind, host, port, path)."""
     if not isinstance(value, str):
-        raise _Bad("expected a string such as \"http://127.0.0.1:8008\" or \"unix:/run/palpo.sock\"")
+        raise _Bad("expected a string such as \"http://127.0.0.1:8008\" "
+                   "or \"unix:/run/palpo.sock\"")
     if value.startswith("unix:"):
         path = value[5:]
         if not path.startswith("/") and not path.startswith("@"):

@@ -70,8 +70,11 @@ def build(tls: Tls, where: str) -> ssl.SSLContext:
     return default
 
 
+_SniCallback = Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]
+
+
 def _sni_callback(by_name: dict[str, ssl.SSLContext], default_names: dict[str, ssl.SSLContext],
-                  strict: bool) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]:
+                  strict: bool) -> _SniCallback:
     def pick(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
         if server_name:
             name = server_name.lower().rstrip(".")

@@ -152,7 +152,12 @@ async def recorder(unix_path: str | None = None) -> AsyncIterator[Recorder]:
         server.close()
         for w in list(rec.writers):
             w.close()
-        for t in list(rec.tasks):
-            t.cancel()
-        if rec.tasks:
-            await asyncio.gather(*rec.tasks, return_exceptions=True)
+        pending = [t for t in rec.tasks if not t.done()]
+        if pending:
+            # Closed writers end their handlers; a handler stuck in a test's
+            # own await is cancelled after a grace period.
+            _, stuck = await asyncio.wait(pending, timeout=2)
+            for t in stuck:
+                t.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=2)
