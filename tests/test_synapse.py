@@ -1,12 +1,9 @@
 """End-to-end tests against a real Matrix homeserver (Synapse, standing in for Palpo).
 
-When ``tests/support/gate.py`` provides ``run_gate(config_toml, workdir)``, every
-request goes THROUGH palpo_gate (HTTPS client and federation listeners in
-front of Synapse); otherwise the tests talk to Synapse directly over plain
-HTTP, which checks the tests themselves.
-
-Force a mode with ``PALPO_GATE_E2E=gate`` or ``PALPO_GATE_E2E=direct``
-(default ``auto``).
+Every request goes THROUGH palpo_gate, started as ``python -m palpo_gate``
+(HTTPS client and federation listeners in front of Synapse).
+``PALPO_GATE_E2E=direct`` talks to Synapse directly over plain HTTP instead,
+which checks the tests themselves; it is never the default.
 
 Requests are sent with ``http.client`` and a raw request target, so percent
 escapes reach the server exactly as written here; anything that changes them
@@ -125,25 +122,14 @@ class HsBase:
 
 
 def _gate_module() -> Any | None:
-    mode = os.environ.get("PALPO_GATE_E2E", "auto").lower()
-    if mode not in ("auto", "gate", "direct"):
-        raise pytest.UsageError(f"PALPO_GATE_E2E must be auto, gate or direct, not {mode!r}")
+    """tests.support.gate, or None when PALPO_GATE_E2E=direct (debugging the tests
+    themselves against Synapse alone). The default always goes through the gate."""
+    mode = os.environ.get("PALPO_GATE_E2E", "gate").lower()
+    if mode not in ("gate", "direct"):
+        raise pytest.UsageError(f"PALPO_GATE_E2E must be gate or direct, not {mode!r}")
     if mode == "direct":
         return None
-    try:
-        spec = importlib.util.find_spec("tests.support.gate")
-    except ModuleNotFoundError:
-        spec = None
-    if spec is None:
-        if mode == "gate":
-            pytest.fail("PALPO_GATE_E2E=gate but tests/support/gate.py does not exist")
-        return None
-    module = importlib.import_module("tests.support.gate")  # import errors fail loudly
-    if not callable(getattr(module, "run_gate", None)):
-        if mode == "gate":
-            pytest.fail("PALPO_GATE_E2E=gate but tests.support.gate has no run_gate()")
-        return None
-    return module
+    return importlib.import_module("tests.support.gate")
 
 
 def gate_config(
@@ -218,7 +204,6 @@ def hs_base(
         cert_path,
         key_path,
     )
-    (workdir / "gate-test-config.toml").write_text(config)
     ctx = ssl.create_default_context(cafile=str(cafile))
     with gate.run_gate(config, workdir) as running:
         client_port = running.port("client")

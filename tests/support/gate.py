@@ -86,3 +86,6 @@ def run_gate(config_toml: str, workdir: pathlib.Path, *, startup_timeout: float 
         gp.stop()
         for t in threads:
             t.join(5)
+        for stream in (gp.proc.stdout, gp.proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,379 @@
+"""Limits over real sockets (SPEC sections 2 and 5): strict framing, head sizes,
+slowloris and idle timeouts, the body-size limit, Host checks, and the requests
+the gate answers itself (CONNECT, ``OPTIONS *``, the admin block).
+
+Every request here is written byte for byte on a raw socket to a real gate
+running in the test's event loop, in front of a recording upstream; a refused
+request must never reach that upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from conftest import gate_toml, port_of, running_gate
+
+from tests.support.client import Conn, Resp, fetch, get
+from tests.support.recorder import recorder
+
+CORS = {
+    "access-control-allow-origin": "*",
+    "access-control-allow-methods": "GET, POST, PUT, DELETE, OPTIONS",
+}
+
+# -- strict framing (SPEC section 5, RFC 9112 sections 6.3 and 11.2) -----------------
+
+_POST = b"POST /_matrix/client/v3/rooms/!r:x/send/m.room.message/t1 HTTP/1.1\r\nHost: matrix.test\r\n"
+_GET = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.test\r\n"
+#: A second request hidden in the body: a lenient parser would forward it too.
+_SMUGGLED = b"GET /_matrix/smuggled HTTP/1.1\r\nHost: matrix.test\r\n\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n"
+
+FRAMING_CASES: dict[str, bytes] = {
+    "cl-then-te": _POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"0\r\n\r\n" + _SMUGGLED,
+    "te-then-cl": _POST + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+                  b"0\r\n\r\n" + _SMUGGLED,
+    "two-cl-equal": _POST + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    "two-cl-different": _POST + b"Content-Length: 5\r\nContent-Length: 57\r\n\r\nhello"
+                        + _SMUGGLED,
+    "cl-list": _POST + b"Content-Length: 5, 5\r\n\r\nhello",
+    "cl-plus": _POST + b"Content-Length: +5\r\n\r\nhello",
+    "cl-negative": _POST + b"Content-Length: -1\r\n\r\n" + _SMUGGLED,
+    # aiohttp's parser accepts this one (AIOHTTP-FACTS section 3): the gate must refuse it.
+    "te-gzip-chunked": _POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+                       b"5\r\nhello\r\n0\r\n\r\n",
+    "te-identity": _POST + b"Transfer-Encoding: identity\r\n\r\nhello",
+    "chunk-size-hex-prefix": _POST + _CHUNKED + b"0x5\r\nhello\r\n0\r\n\r\n",
+    "chunk-size-plus": _POST + _CHUNKED + b"+5\r\nhello\r\n0\r\n\r\n",
+    "chunk-size-leading-space": _POST + _CHUNKED + b" 5\r\nhello\r\n0\r\n\r\n",
+    "obs-fold": _GET + b"X-Folded: first\r\n  second\r\n\r\n",
+    "space-before-colon": _GET + b"X-Name : value\r\n\r\n",
+    "nul-in-value": _GET + b"X-Bad: a\x00b\r\n\r\n",
+    "ctl-0x01-in-value": _GET + b"X-Bad: a\x01b\r\n\r\n",
+    "bare-lf": b"GET /_matrix/client/versions HTTP/1.1\nHost: matrix.test\nX-A: b\n\n",
+}
+
+
+async def _refused(port: int, raw: bytes, statuses: tuple[int, ...] = (400,)) -> Resp:
+    """Send *raw* in one write; the answer is one of *statuses* and the connection closes."""
+    conn = await Conn.open(port)
+    try:
+        resp = await conn.request(raw, timeout=5)
+        assert resp.status in statuses, (resp.status, resp.body[:300])
+        assert await conn.closed_by_peer(timeout=3), "the gate kept the connection open"
+        return resp
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("raw", list(FRAMING_CASES.values()), ids=list(FRAMING_CASES))
+async def test_ambiguous_framing_is_refused_and_not_forwarded(raw: bytes) -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        await _refused(port_of(gate), raw)
+        await asyncio.sleep(0.1)  # anything forwarded would have arrived by now
+        assert up.requests == []
+
+
+async def test_bad_chunk_after_forwarded_head_aborts_upstream() -> None:
+    """The head alone is fine and goes upstream; a bad chunk size that follows
+    still gets 400 + close, and the upstream never sees a complete body."""
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            await conn.send(_POST + _CHUNKED)
+            await up.wait_requests(1)
+            resp = await conn.request(b"0x5\r\nhello\r\n0\r\n\r\n", timeout=5)
+            assert resp.status == 400
+            assert await conn.closed_by_peer(timeout=3)
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.2)
+        assert not up.requests[0].body_done.is_set()
+        assert up.closed_connections == up.connections == 1
+
+
+async def test_framing_control_well_formed_requests_are_forwarded() -> None:
+    """The same requests, well formed, do reach the upstream (the cases above fail
+    for their framing, not for their path or method)."""
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        r1 = await fetch(port, _POST + b"Content-Length: 5\r\n\r\nhello")
+        r2 = await fetch(port, _POST + _CHUNKED + b"5\r\nhello\r\n0\r\n\r\n")
+        r3 = await fetch(port, _GET + b"X-Name: value\r\n\r\n")
+        assert (r1.status, r2.status, r3.status) == (200, 200, 200)
+        assert [r.body for r in up.requests] == [b"hello", b"hello", b""]
+
+
+# -- sizes of the head --------------------------------------------------------------
+
+
+async def test_request_line_too_long() -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        target = "/_matrix/client/v3/" + "a" * 9000
+        await _refused(port, get(target, host="matrix.test"), (400, 414))
+        # just under aiohttp's 8190-byte line limit is still served
+        ok = await fetch(port, get("/_matrix/client/v3/" + "a" * 8000, host="matrix.test"))
+        assert ok.status == 200
+        assert len(up.requests) == 1
+
+
+async def test_header_field_too_long() -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        raw = get("/_matrix/client/versions", host="matrix.test",
+                  extra="X-Big: " + "b" * 9000 + "\r\n")
+        await _refused(port, raw, (400, 431))
+        assert up.requests == []
+
+
+async def test_too_many_header_fields() -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        many = "".join(f"X-H{i}: {i}\r\n" for i in range(140))
+        await _refused(port, get("/_matrix/client/versions", host="matrix.test", extra=many),
+                       (400, 431))
+        assert up.requests == []
+        few = "".join(f"X-H{i}: {i}\r\n" for i in range(60))
+        ok = await fetch(port, get("/_matrix/client/versions", host="matrix.test", extra=few))
+        assert ok.status == 200
+        assert len(up.requests) == 1
+
+
+# -- header_timeout (slowloris) and idle_timeout -----------------------------------------
+
+
+async def _drip(conn: Conn, data: bytes, interval: float, max_seconds: float) -> tuple[bool, float]:
+    """Send *data* one byte at a time; (closed by the gate, seconds from the first byte)."""
+    loop = asyncio.get_running_loop()
+    watcher = asyncio.ensure_future(conn.closed_by_peer(timeout=max_seconds))
+    start = loop.time()
+    try:
+        for i in range(min(len(data), int(max_seconds / interval))):
+            if watcher.done():
+                break
+            try:
+                await conn.send(data[i:i + 1])
+            except ConnectionError:
+                break
+            await asyncio.sleep(interval)
+        closed = await watcher
+    finally:
+        watcher.cancel()
+    return closed, loop.time() - start
+
+
+async def test_slow_head_is_cut_after_header_timeout() -> None:
+    async with recorder() as up, running_gate(gate_toml(
+            f"http://127.0.0.1:{up.port}", extra='[limits]\nheader_timeout = "1s"')) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            head = get("/_matrix/client/versions", host="matrix.test",
+                       extra="X-Padding: " + "p" * 60 + "\r\n")
+            closed, elapsed = await _drip(conn, head, 0.2, max_seconds=6)
+        finally:
+            await conn.close()
+        assert closed, "a head dripping one byte every 200 ms was never cut"
+        assert 0.8 <= elapsed <= 3.0, elapsed
+        assert up.requests == []
+
+
+async def test_slow_head_on_a_keep_alive_connection_is_cut() -> None:
+    """The deadline applies to every request head, not only the first one."""
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", extra='[limits]\nheader_timeout = "1s"')
+        async with running_gate(toml) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                first = await conn.request(get("/_matrix/client/versions", host="matrix.test"))
+                assert first.status == 200
+                head = get("/_matrix/client/versions", host="matrix.test",
+                           extra="X-Padding: " + "p" * 60 + "\r\n")
+                closed, elapsed = await _drip(conn, head, 0.2, max_seconds=6)
+            finally:
+                await conn.close()
+            assert closed and 0.8 <= elapsed <= 3.0, (closed, elapsed)
+            assert len(up.requests) == 1
+
+
+async def test_head_in_pieces_within_header_timeout_is_served() -> None:
+    """Pieces within the deadline are fine, and a keep-alive connection older than
+    the deadline is not cut for its age."""
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", extra='[limits]\nheader_timeout = "1s"')
+        async with running_gate(toml) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                for _ in range(2):
+                    head = get("/_matrix/client/versions", host="matrix.test")
+                    for piece in (head[:10], head[10:30], head[30:]):
+                        await conn.send(piece)
+                        await asyncio.sleep(0.2)
+                    resp = await conn.read_response(timeout=5)
+                    assert resp.status == 200 and resp.complete
+                    await asyncio.sleep(0.5)  # the connection is now > 1 s old
+            finally:
+                await conn.close()
+            assert len(up.requests) == 2
+
+
+async def test_idle_keep_alive_connection_is_closed() -> None:
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", extra='[limits]\nidle_timeout = "1s"')
+        async with running_gate(toml) as gate:
+            loop = asyncio.get_running_loop()
+            conn = await Conn.open(port_of(gate))
+            try:
+                resp = await conn.request(get("/_matrix/client/versions", host="matrix.test"))
+                assert resp.status == 200 and resp.complete
+                assert (resp.header("connection") or "").lower() != "close"
+                start = loop.time()
+                assert await conn.closed_by_peer(timeout=5), "idle connection never closed"
+                elapsed = loop.time() - start
+            finally:
+                await conn.close()
+            # kept alive for a while (keep-alive works), then closed by idle_timeout
+            assert 0.7 <= elapsed <= 3.5, elapsed
+
+
+async def test_connection_that_sends_nothing_is_closed() -> None:
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", extra='[limits]\nidle_timeout = "1s"')
+        async with running_gate(toml) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                assert await conn.closed_by_peer(timeout=5), "silent connection never closed"
+            finally:
+                await conn.close()
+            assert up.connections == 0
+
+
+# -- max_body_size --------------------------------------------------------------------
+
+
+def _assert_matrix_error(resp: Resp, errcode: str) -> None:
+    assert (resp.header("content-type") or "").split(";")[0] == "application/json"
+    doc = json.loads(resp.body)
+    assert doc["errcode"] == errcode, doc
+    assert isinstance(doc.get("error"), str)
+    for name, value in CORS.items():
+        assert resp.header(name) == value, (name, resp.headers)
+    assert "authorization" in (resp.header("access-control-allow-headers") or "").lower()
+
+
+async def test_declared_body_over_limit_is_413_before_upstream() -> None:
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}",
+                         extra="[limits]\nmax_body_size = 1000")
+        async with running_gate(toml) as gate:
+            port = port_of(gate)
+            conn = await Conn.open(port)
+            try:
+                # Only the head is sent: the answer must not wait for the body.
+                resp = await conn.request(
+                    b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: matrix.test\r\n"
+                    b"Content-Type: image/png\r\nContent-Length: 1001\r\n\r\n", timeout=5)
+                assert resp.status == 413
+                _assert_matrix_error(resp, "M_TOO_LARGE")
+                assert await conn.closed_by_peer(timeout=3)
+            finally:
+                await conn.close()
+            # Expect: 100-continue over the limit: 413 and never "100 Continue"
+            conn = await Conn.open(port)
+            try:
+                await conn.send(b"PUT /_matrix/media/v3/upload/x/y HTTP/1.1\r\n"
+                                b"Host: matrix.test\r\nExpect: 100-continue\r\n"
+                                b"Content-Length: 5000000\r\n\r\n")
+                resp = await conn.read_response(timeout=5)
+                assert resp.status == 413
+            finally:
+                await conn.close()
+            assert up.connections == 0 and up.requests == []
+            # at the limit: forwarded
+            ok = await fetch(port, b"POST /_matrix/media/v3/upload HTTP/1.1\r\n"
+                                   b"Host: matrix.test\r\nContent-Length: 1000\r\n\r\n"
+                             + b"x" * 1000)
+            assert ok.status == 200
+            assert [len(r.body) for r in up.requests] == [1000]
+
+
+# -- hosts ------------------------------------------------------------------------------
+
+
+async def test_host_not_in_hosts_is_421_and_not_forwarded() -> None:
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", listener='hosts = ["matrix.test"]')
+        async with running_gate(toml) as gate:
+            port = port_of(gate)
+            for host in ("evil.example", "matrix.test.evil.example", "127.0.0.1"):
+                resp = await fetch(port, get("/_matrix/client/versions", host=host))
+                assert resp.status == 421, (host, resp.status)
+            assert up.requests == []
+
+
+async def test_host_in_hosts_with_port_and_any_case_is_forwarded() -> None:
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", listener='hosts = ["matrix.test"]')
+        async with running_gate(toml) as gate:
+            port = port_of(gate)
+            for host in ("matrix.test", "matrix.test:8448", "MATRIX.Test", "Matrix.TEST:443"):
+                resp = await fetch(port, get("/_matrix/client/versions", host=host))
+                assert resp.status == 200, (host, resp.status)
+            assert len(up.requests) == 4
+            assert up.requests[1].header("host") == b"matrix.test:8448"
+
+
+async def test_health_answers_whatever_the_host() -> None:
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", listener='hosts = ["matrix.test"]')
+        async with running_gate(toml) as gate:
+            resp = await fetch(port_of(gate), get("/health", host="127.0.0.1:9"))
+            assert resp.status == 200
+            assert resp.body.strip() == b"OK"
+            assert up.requests == []
+
+
+# -- requests the gate answers itself ---------------------------------------------
+
+
+async def test_connect_is_405() -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        resp = await fetch(port_of(gate), b"CONNECT matrix.test:443 HTTP/1.1\r\n"
+                                          b"Host: matrix.test:443\r\n\r\n")
+        assert resp.status == 405
+        await asyncio.sleep(0.1)
+        assert up.requests == []
+
+
+async def test_options_asterisk_is_answered() -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        conn = await Conn.open(port)
+        try:
+            resp = await conn.request(b"OPTIONS * HTTP/1.1\r\nHost: matrix.test\r\n\r\n")
+            assert 200 <= resp.status < 300, resp.status
+            # the connection stays usable
+            again = await conn.request(get("/_matrix/client/versions", host="matrix.test"))
+            assert again.status == 200
+        finally:
+            await conn.close()
+        # other methods with the asterisk form are refused
+        bad = await fetch(port, b"GET * HTTP/1.1\r\nHost: matrix.test\r\n\r\n")
+        assert bad.status == 400
+        assert [r.target for r in up.requests] == [b"/_matrix/client/versions"]
+
+
+@pytest.mark.parametrize("target", [
+    "/_palpo/admin/users", "/_synapse/admin/v1/users/@a:x", "/_SYNAPSE/Admin/v2/users",
+    "/_synapse/admin",
+])
+async def test_admin_api_is_403_matrix_forbidden(target: str) -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        resp = await fetch(port_of(gate), get(target, host="matrix.test",
+                                              extra="Authorization: Bearer admin\r\n"))
+        assert resp.status == 403
+        _assert_matrix_error(resp, "M_FORBIDDEN")
+        assert up.requests == []

@@ -1,0 +1,299 @@
+"""Routing decisions (SPEC section 2), as tables: no sockets.
+
+The decision is made on a normalised copy of the path; these tests check the
+decision only. That the raw target is then forwarded byte for byte is checked
+over real sockets elsewhere, with the same ``targets.TARGETS`` table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import targets
+
+from palpo_gate.config import DEFAULT_BLOCKED_PREFIXES, ROLE_PREFIXES
+from palpo_gate.routing import Action, BadTarget, Decision, Router, normalise
+
+CLIENT = Router(ROLE_PREFIXES["client"], DEFAULT_BLOCKED_PREFIXES, well_known=False)
+FEDERATION = Router(ROLE_PREFIXES["federation"], DEFAULT_BLOCKED_PREFIXES, well_known=False)
+CLIENT_WK = Router(ROLE_PREFIXES["client"], DEFAULT_BLOCKED_PREFIXES, well_known=True)
+
+
+def _ids(table: Sequence[tuple[str, object]]) -> list[str]:
+    return [row[0] or "(empty)" for row in table]
+
+
+def _decide(router: Router, target: str, method: str = "GET") -> str:
+    return router.decide(method, target).action.value
+
+
+# -- the shared target table, on a client listener ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [pytest.param(t, a, id=f"{why}: {t}") for t, a, why in targets.TARGETS],
+)
+def test_client_listener_target_table(target: str, expected: str) -> None:
+    assert _decide(CLIENT, target) == expected
+
+
+def test_target_table_is_whole() -> None:
+    # The table is shared with the socket tests; a lost or duplicated row, or an
+    # action name that does not exist, would go unnoticed there.
+    assert len(targets.TARGETS) >= 92
+    assert len({t for t, _, _ in targets.TARGETS}) == len(targets.TARGETS)
+    assert {a for _, a, _ in targets.TARGETS} <= {a.value for a in Action}
+
+
+# -- roles -------------------------------------------------------------------------------
+
+FEDERATION_TABLE = [
+    ("/_matrix/federation/v1/send/txn1", "forward"),
+    ("/_matrix/key/v2/server", "forward"),
+    ("/_matrix", "forward"),
+    ("/_matrix/client/versions", "forward"),  # federation forwards all of /_matrix
+    ("/_palpo/client/x", "not_found"),
+    ("/_palpo/client", "not_found"),
+    ("/_palpo/admin/users", "admin"),
+    ("/_SYNAPSE/admin", "admin"),
+    ("/health", "health"),
+    ("/.well-known/matrix/server", "forward"),
+    ("/_matrixfoo", "not_found"),
+    ("/_matrix/../_palpo/admin", "bad_request"),
+]
+
+
+@pytest.mark.parametrize(("target", "expected"), FEDERATION_TABLE, ids=_ids(FEDERATION_TABLE))
+def test_federation_role(target: str, expected: str) -> None:
+    assert _decide(FEDERATION, target) == expected
+
+
+# -- [well_known] configured -------------------------------------------------------------
+
+WELL_KNOWN_TABLE = [
+    ("/.well-known/matrix/server", "well_known_server"),
+    ("/.well-known/matrix/client", "well_known_client"),
+    ("/.well-known/matrix/server?x=1", "well_known_server"),
+    ("/.well-known/matrix/%63lient", "well_known_client"),
+    ("//.well-known//matrix/client", "well_known_client"),
+    ("/.well-known/matrix/x", "not_found"),
+    ("/.well-known/matrix/support", "not_found"),
+    ("/.well-known/matrix", "not_found"),
+    ("/.well-known/other", "not_found"),
+    ("/_matrix/client/versions", "forward"),
+    ("/_palpo/admin", "admin"),
+    ("/health", "health"),
+]
+
+
+@pytest.mark.parametrize(("target", "expected"), WELL_KNOWN_TABLE, ids=_ids(WELL_KNOWN_TABLE))
+def test_well_known_configured(target: str, expected: str) -> None:
+    assert _decide(CLIENT_WK, target) == expected
+
+
+def test_well_known_absent_forwards_the_documents_on_every_role() -> None:
+    for router in (CLIENT, FEDERATION):
+        assert _decide(router, "/.well-known/matrix/server") == "forward"
+        assert _decide(router, "/.well-known/matrix/client") == "forward"
+
+
+# -- methods and request-target forms ---------------------------------------------------
+
+METHOD_TABLE = [
+    ("CONNECT", "matrix.example.com:443", "method_not_allowed"),
+    ("CONNECT", "/_matrix/client/versions", "method_not_allowed"),
+    ("OPTIONS", "*", "options_asterisk"),
+    ("GET", "*", "bad_request"),
+    ("HEAD", "*", "bad_request"),
+    ("POST", "*", "bad_request"),
+    ("OPTIONS", "/_matrix/client/versions", "forward"),
+    ("PUT", "/_matrix/client/v3/rooms/%21r%3Ahs/send/m.room.message/t1", "forward"),
+    ("DELETE", "/_palpo/admin/x", "admin"),
+    ("GET", "_matrix/x", "bad_request"),  # neither origin- nor absolute-form
+]
+
+
+@pytest.mark.parametrize(("method", "target", "expected"), METHOD_TABLE,
+                         ids=[f"{m} {t}" for m, t, _ in METHOD_TABLE])
+def test_methods_and_target_forms(method: str, target: str, expected: str) -> None:
+    assert _decide(CLIENT, target, method) == expected
+
+
+@pytest.mark.parametrize("target", targets.ABSOLUTE_FORM)
+@pytest.mark.parametrize("method", ["GET", "POST", "OPTIONS"])
+def test_absolute_form_is_refused(method: str, target: str) -> None:
+    assert _decide(CLIENT, target, method) == "bad_request"
+
+
+# -- custom prefix lists -----------------------------------------------------------------
+
+EVERYTHING = Router(("/",), DEFAULT_BLOCKED_PREFIXES, well_known=False)
+EVERYTHING_TABLE = [
+    ("/", "forward"),
+    ("/index.html", "forward"),
+    ("/_matrix/client/versions", "forward"),
+    ("/_palpo/other", "forward"),
+    ("/.well-known/matrix/client", "forward"),
+    ("/.well-known/other", "forward"),
+    ("/healthz", "forward"),
+    ("/health", "health"),
+    ("/_palpo/admin", "admin"),
+    ("/_Synapse/Admin/v1", "admin"),
+    ("/_palpo%2Fadmin", "admin"),
+    ("/a/../_palpo/admin", "bad_request"),
+    ("/a\\b", "bad_request"),
+    ("/%zz", "bad_request"),
+]
+
+
+@pytest.mark.parametrize(("target", "expected"), EVERYTHING_TABLE,
+                         ids=_ids(EVERYTHING_TABLE))
+def test_root_prefix_forwards_all_but_admin_health_and_bad(target: str, expected: str) -> None:
+    assert _decide(EVERYTHING, target) == expected
+
+
+NARROW = Router(("/_matrix/client", "/_matrix/media"), DEFAULT_BLOCKED_PREFIXES, well_known=True)
+NARROW_TABLE = [
+    ("/_matrix/client", "forward"),
+    ("/_matrix/client/v3/sync", "forward"),
+    ("/_matrix/media/v3/upload", "forward"),
+    ("/_matrix/federation/v1/version", "not_found"),
+    ("/_matrix/clientx", "not_found"),
+    ("/_matrix", "not_found"),
+    ("/_palpo/client/x", "not_found"),
+]
+
+
+@pytest.mark.parametrize(("target", "expected"), NARROW_TABLE, ids=_ids(NARROW_TABLE))
+def test_custom_prefix_list(target: str, expected: str) -> None:
+    assert _decide(NARROW, target) == expected
+
+
+BLOCKED = Router(ROLE_PREFIXES["client"], ("/_matrix/client/v3/admin", "/_Palpo/Internal"),
+                 well_known=False)
+BLOCKED_TABLE = [
+    ("/_matrix/client/v3/admin", "admin"),
+    ("/_matrix/client/v3/admin/whois/@u:hs", "admin"),
+    ("/_matrix/client/V3/ADMIN/x", "admin"),
+    ("/_matrix/client/v3/admin;x", "admin"),
+    ("/_matrix/client/v3/%61dmin", "admin"),
+    ("/_matrix/client/v3/adminx", "forward"),
+    ("/_palpo/internal", "admin"),  # configured in mixed case, matched case-insensitively
+    ("/_PALPO/INTERNAL/x", "admin"),
+    # the default admin prefixes are replaced, not extended
+    ("/_palpo/admin", "not_found"),
+    ("/_synapse/admin/v1/users", "not_found"),
+    ("/_matrix/client/versions", "forward"),
+]
+
+
+@pytest.mark.parametrize(("target", "expected"), BLOCKED_TABLE, ids=_ids(BLOCKED_TABLE))
+def test_custom_blocked_prefixes(target: str, expected: str) -> None:
+    assert _decide(BLOCKED, target) == expected
+
+
+def test_no_blocked_prefixes_forwards_admin_paths_under_a_forward_prefix() -> None:
+    router = Router(("/_matrix", "/_palpo"), (), well_known=False)
+    assert _decide(router, "/_palpo/admin/users") == "forward"
+
+
+# -- Decision.matrix: which errors get Matrix JSON and CORS (SPEC section 5) ----------
+
+MATRIX_TABLE = [
+    ("/_matrix", True),
+    ("/_matrix/client/versions", True),
+    ("/_matrix/client/unknown", True),
+    ("/_palpo", True),
+    ("/_palpo/other", True),
+    ("/_palpo/admin/x", True),
+    ("/_synapse", True),
+    ("/_synapse/admin/v1/users", True),
+    ("/.well-known/matrix", True),
+    ("/.well-known/matrix/server", True),
+    ("/.well-known/matrix/x", True),
+    ("/%5fmatrix/client", True),
+    ("/_matrix/%zz", True),  # a 400 on a Matrix path
+    ("/_matrix/../x", True),
+    ("/_matrix/x#frag", True),  # a 400 on a Matrix path, too
+    ("/foo", False),
+    ("/", False),
+    ("/_matrixfoo", False),
+    ("/.well-known/other", False),
+    ("/health", False),
+    ("/index.html", False),
+]
+
+
+@pytest.mark.parametrize(("target", "expected"), MATRIX_TABLE, ids=_ids(MATRIX_TABLE))
+def test_decision_matrix_flag(target: str, expected: bool) -> None:
+    assert CLIENT.decide("GET", target).matrix is expected
+
+
+def test_decision_carries_the_normalised_path() -> None:
+    d = CLIENT.decide("GET", "//%5fmatrix//client/versions?a=%2F")
+    assert d == Decision(Action.FORWARD, "/_matrix/client/versions", "", True)
+
+
+def test_refusals_say_why() -> None:
+    for target in ("/_matrix/../x", "/_matrix/%zz", "/a\\b", "*", "http://h/x", "/x#f"):
+        d = CLIENT.decide("GET", target)
+        assert d.action is Action.BAD_REQUEST
+        assert d.reason, target
+    assert CLIENT.decide("CONNECT", "h:443").reason
+
+
+# -- normalise() -------------------------------------------------------------------------
+
+NORMALISE_TABLE = [
+    ("/_matrix/client/versions", "/_matrix/client/versions"),
+    ("/", "/"),
+    ("", ""),
+    ("/%5fmatrix/%5Fpalpo", "/_matrix/_palpo"),
+    ("/_matrix/%25252e", "/_matrix/%252e"),  # decoded once only
+    ("/_matrix/%252e%252e", "/_matrix/%2e%2e"),
+    ("//_matrix///client//", "/_matrix/client/"),
+    ("/a%2Fb", "/a/b"),
+    ("/a%2f%2Fb", "/a/b"),  # decoded, then collapsed
+    ("/caf%C3%A9", "/caf\xc3\xa9"),  # one character per byte
+    ("/a%00b", "/a\x00b"),
+    ("/_matrix/x.y/...", "/_matrix/x.y/..."),
+    ("/_matrix/.well", "/_matrix/.well"),
+    ("/_matrix/x;y=1", "/_matrix/x;y=1"),
+    ("/a%5cb", "/a\\b"),  # an encoded backslash is data
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), NORMALISE_TABLE, ids=_ids(NORMALISE_TABLE))
+def test_normalise(raw: str, expected: str) -> None:
+    assert normalise(raw) == expected
+
+
+NORMALISE_BAD = [
+    "/_matrix/../x",
+    "/_matrix/./x",
+    "/_matrix/..",
+    "/_matrix/.",
+    "/..",
+    "/%2e%2e/x",
+    "/%2E/x",
+    "/.%2e",
+    "/_matrix/..;/x",
+    "/_matrix/.;x/y",
+    "/_matrix/%2e%2e%3bx/y",
+    "/a%2f..%2fb",
+    "/a\\b",
+    "\\",
+    "/_matrix/%zz",
+    "/_matrix/%g0",
+    "/_matrix/%2",
+    "/_matrix/%",
+    "/_matrix/%%41",
+]
+
+
+@pytest.mark.parametrize("raw", NORMALISE_BAD)
+def test_normalise_refuses(raw: str) -> None:
+    with pytest.raises(BadTarget):
+        normalise(raw)
