@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import re
@@ -223,7 +224,7 @@ def parse_size(value: object) -> int:
         n = value
     elif isinstance(value, str):
         m = _SIZE_RE.match(value)
-        if not m or (m.group(3).lower() == "i"):
+        if not m or m.group(3).lower() == "i" or (m.group(3).lower() == "ib" and not m.group(2)):
             raise _Bad(f"invalid size {value!r} (use bytes, or e.g. \"50M\", \"50MiB\", \"1G\")")
         unit, suffix = m.group(2).lower(), m.group(3).lower()
         base = 1000 if suffix == "b" and unit else 1024
@@ -347,6 +348,13 @@ def parse_host_name(value: object) -> str:
     if not _HOSTNAME_RE.match(name):
         raise _Bad(f"{value!r} is not a host name (write it without a port)")
     return name
+
+
+def _sni_name(value: object) -> str:
+    """A host name, or a one-label wildcard such as ``*.example.com``."""
+    if isinstance(value, str) and value.startswith("*."):
+        return "*." + parse_host_name(value[2:])
+    return parse_host_name(value)
 
 
 def _http_url(value: object) -> str:
@@ -519,8 +527,8 @@ def _read_tls(r: _Reader, raw: object, p: str) -> Tls | None:
         st = r.table(item, sp, ("names", "cert", "key"))
         if st is None:
             continue
-        names = r.list_of(st, sp, "names", parse_host_name, ())
-        if not names:
+        names = r.list_of(st, sp, "names", _sni_name, ())
+        if not st.get("names"):
             r.error(f"{sp}.names", "required: at least one server name")
         sni.append(SniCert(names, r.get(st, sp, "cert", _file), r.get(st, sp, "key", _file)))
     return Tls(
@@ -550,7 +558,7 @@ def _read_listeners(r: _Reader, raw: object) -> tuple[Listener, ...]:
             r.error(f"{p}.name", f"{name!r} is used by another listener")
         names.add(name)
         bind = r.get(t, p, "bind", parse_bind)
-        if bind is not None and bind.kind != "systemd" and bind in binds and bind.port != 0:
+        if bind is not None and bind in binds and not (bind.kind == "tcp" and bind.port == 0):
             r.error(f"{p}.bind", f"{bind} is used by another listener")
         binds.add(bind)
         role = r.get(t, p, "role", _one_of("client", "federation"), "client")
@@ -573,9 +581,14 @@ def _read_well_known(r: _Reader, raw: object) -> WellKnown | None:
     if not isinstance(extra, dict):
         r.error(f"{p}.client_extra", "expected a table")
         extra = {}
-    for key in extra:
+    for key, value in extra.items():
         if key in ("m.homeserver", "m.identity_server"):
             r.error(f"{p}.client_extra.{key}", "set by well_known.client / identity_server")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            r.error(f"{p}.client_extra.{key}",
+                    "not representable in JSON (TOML dates and times are not)")
     if "server" not in t and "client" not in t:
         r.error(p, "set server, client or both")
     return WellKnown(
@@ -703,18 +716,18 @@ def _toml_value(v: object) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        escaped = v.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        # A JSON string is a valid TOML basic string (escapes included).
+        return json.dumps(v, ensure_ascii=False)
     if isinstance(v, list | tuple | frozenset):
         items = sorted(v) if isinstance(v, frozenset) else v
         return "[" + ", ".join(_toml_value(x) for x in items) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     return _toml_value(str(v))
 
 
-def _seconds(x: float) -> str:
-    return f"{x:g}s"
+def _seconds(x: float) -> str | float:
+    return f"{int(x)}s" if x == int(x) else x
 
 
 def dump(cfg: Config) -> str:
@@ -754,7 +767,7 @@ def dump(cfg: Config) -> str:
                                ("identity_server", w.identity_server)])
         if w.client_extra:
             out.append("[well_known.client_extra]")
-            out.extend(f'"{k}" = {_toml_value(v)}' for k, v in w.client_extra.items())
+            out.extend(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in w.client_extra.items())
     section("admin", [("blocked_prefixes", list(cfg.admin.blocked_prefixes)),
                       ("allow_from", [str(n) for n in cfg.admin.allow_from])])
     lim = cfg.limits

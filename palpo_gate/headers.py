@@ -42,7 +42,7 @@ _UNTRUSTED_FORWARDING: frozenset[bytes] = frozenset({
 #: Response headers the gate frames itself (the body length is re-emitted).
 _RESPONSE_REPLACED: frozenset[bytes] = frozenset({b"content-length"})
 
-_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:/+=@-]{1,128}$")
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
@@ -65,7 +65,7 @@ def strip_hop_by_hop(headers: RawHeaders, also: frozenset[bytes] = frozenset()
 
 
 def sane_request_id(value: bytes | None) -> bool:
-    return value is not None and _REQUEST_ID_RE.match(value) is not None
+    return value is not None and _REQUEST_ID_RE.fullmatch(value) is not None
 
 
 def new_request_id() -> bytes:
@@ -112,10 +112,11 @@ def build_request_head(
         drop = drop | _UNTRUSTED_FORWARDING
     out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
     prior_xff: list[bytes] = []
+    if peer_trusted:
+        # Read after hop-by-hop removal: an XFF named in Connection is gone.
+        prior_xff = [v for n, v in strip_hop_by_hop(headers) if n.lower() == b"x-forwarded-for"]
     for name, value in strip_hop_by_hop(headers, drop):
         out += (name, b": ", value, b"\r\n")
-    if peer_trusted:
-        prior_xff = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
     xff = b", ".join([*prior_xff, client_addr.encode()])
     out += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n",
             request_id_name, b": ", request_id, b"\r\n")

@@ -122,10 +122,11 @@ class Router:
                     return Decision(Action.OPTIONS_ASTERISK)
                 return Decision(Action.BAD_REQUEST, reason="asterisk-form target")
             return Decision(Action.BAD_REQUEST, reason="only origin-form targets are accepted")
-        if "#" in target:
-            return Decision(Action.BAD_REQUEST, reason="fragment in request target")
         qpos = target.find("?")
         raw_path = target if qpos < 0 else target[:qpos]
+        if "#" in target:
+            return Decision(Action.BAD_REQUEST, raw_path.split("#", 1)[0],
+                            "fragment in request target", _is_matrix(raw_path))
         try:
             path = normalise(raw_path)
         except BadTarget as exc:

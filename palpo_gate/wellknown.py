@@ -18,7 +18,8 @@ from .config import WellKnown
 CORS_HEADERS: tuple[tuple[str, str], ...] = (
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
-    ("Access-Control-Allow-Headers", "X-Requested-With, Content-Type, Authorization"),
+    ("Access-Control-Allow-Headers",
+     "Origin, X-Requested-With, Content-Type, Accept, Authorization"),
 )
 CACHE_CONTROL = ("Cache-Control", "public, max-age=3600")
 

@@ -25,7 +25,8 @@ CORS = {
 
 # -- strict framing (SPEC section 5, RFC 9112 sections 6.3 and 11.2) -----------------
 
-_POST = b"POST /_matrix/client/v3/rooms/!r:x/send/m.room.message/t1 HTTP/1.1\r\nHost: matrix.test\r\n"
+_POST = (b"POST /_matrix/client/v3/rooms/!r:x/send/m.room.message/t1 HTTP/1.1\r\n"
+         b"Host: matrix.test\r\n")
 _GET = b"GET /_matrix/client/versions HTTP/1.1\r\nHost: matrix.test\r\n"
 #: A second request hidden in the body: a lenient parser would forward it too.
 _SMUGGLED = b"GET /_matrix/smuggled HTTP/1.1\r\nHost: matrix.test\r\n\r\n"
@@ -85,7 +86,10 @@ async def test_bad_chunk_after_forwarded_head_aborts_upstream() -> None:
         try:
             await conn.send(_POST + _CHUNKED)
             await up.wait_requests(1)
-            resp = await conn.request(b"0x5\r\nhello\r\n0\r\n\r\n", timeout=5)
+            try:
+                resp = await conn.request(b"0x5\r\nhello\r\n0\r\n\r\n", timeout=5)
+            except TimeoutError:
+                pytest.fail("no answer within 5 s to a bad chunk size sent after the head")
             assert resp.status == 400
             assert await conn.closed_by_peer(timeout=3)
         finally:
@@ -278,7 +282,9 @@ async def test_declared_body_over_limit_is_413_before_upstream() -> None:
                     b"Content-Type: image/png\r\nContent-Length: 1001\r\n\r\n", timeout=5)
                 assert resp.status == 413
                 _assert_matrix_error(resp, "M_TOO_LARGE")
-                assert await conn.closed_by_peer(timeout=3)
+                # The connection is not kept for another request (aiohttp may still
+                # read and discard the body for a while, so the client sees the 413).
+                assert (resp.header("connection") or "").lower() == "close"
             finally:
                 await conn.close()
             # Expect: 100-continue over the limit: 413 and never "100 Continue"

@@ -1,0 +1,455 @@
+"""The command line and the real process (SPEC sections 1, 5 and 6): what an
+operator types and sees. Every test runs ``python -m palpo_gate`` or the
+installed ``palpo-gate`` script as a subprocess: exit statuses, messages,
+signals, and the production handler settings (which the in-loop test gate
+cannot show: aiohttp's test servers force handler cancellation).
+
+The upstream here is a small threaded HTTP/1.1 server (the gate lives in
+another process, so the test's event loop is not needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import http.client
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import free_port
+
+from palpo_gate import __version__
+from palpo_gate import config as configmod
+from tests.support.gate import GateProcess, run_gate, spawn
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "palpo-gate")
+COMMANDS = {
+    "python-m": [sys.executable, "-m", "palpo_gate"],
+    "console-script": [SCRIPT],
+}
+
+
+def run_cli(cmd: list[str], *args: str, cwd: pathlib.Path,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30,
+                          cwd=cwd, env={**os.environ, **(env or {})}, check=False)
+
+
+@pytest.fixture(params=list(COMMANDS))
+def command(request: pytest.FixtureRequest) -> list[str]:
+    cmd = COMMANDS[request.param]
+    if request.param == "console-script":
+        assert os.access(SCRIPT, os.X_OK), f"the palpo-gate console script is not installed: {SCRIPT}"
+    return cmd
+
+
+# -- a threaded upstream ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class UpReq:
+    head: bytes
+    target: bytes
+    headers: dict[bytes, bytes]
+    arrived: float
+    peer_closed_at: float | None = None  # set when the gate closed this held request
+
+
+class ThreadUpstream:
+    """HTTP/1.1 upstream in threads. Targets starting with ``/_matrix/hold/N``
+    are answered after N seconds; ``/_matrix/client/v3/sync`` is held (up to
+    10 s) until the gate closes the connection; everything else at once."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.requests: list[UpReq] = []
+        self.changed = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def wait_for(self, pred: object, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(pred, timeout)  # type: ignore[arg-type]
+
+    def start(self) -> None:
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(3)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        buf = b""
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:  # the tests send no request bodies
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    lines = head.split(b"\r\n")
+                    target = lines[0].split(b" ")[1]
+                    headers = {}
+                    for line in lines[1:]:
+                        name, _, value = line.partition(b":")
+                        headers[name.strip().lower()] = value.strip()
+                    req = UpReq(head, target, headers, time.monotonic())
+                    with self.changed:
+                        self.requests.append(req)
+                        self.changed.notify_all()
+                    if not self._answer(conn, req):
+                        return
+
+    def _hold(self, conn: socket.socket, req: UpReq, seconds: float) -> bool:
+        """Wait *seconds*; False (and the time recorded) if the gate closes first."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not self._stop.is_set():
+            try:
+                if conn.recv(1, socket.MSG_PEEK) == b"":
+                    with self.changed:
+                        req.peer_closed_at = time.monotonic()
+                        self.changed.notify_all()
+                    return False
+                time.sleep(0.05)  # bytes waiting (not expected): keep holding
+            except TimeoutError:
+                continue
+            except OSError:
+                with self.changed:
+                    req.peer_closed_at = time.monotonic()
+                    self.changed.notify_all()
+                return False
+        return True
+
+    def _answer(self, conn: socket.socket, req: UpReq) -> bool:
+        m = re.match(rb"/_matrix/hold/(\d+)", req.target)
+        if m and not self._hold(conn, req, float(m.group(1))):
+            return False
+        if req.target.startswith(b"/_matrix/client/v3/sync"):
+            self._hold(conn, req, 10)
+            return False
+        body = b'{"target": "%s"}' % req.target
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def upstream() -> Iterator[ThreadUpstream]:
+    up = ThreadUpstream()
+    up.start()
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+def gate_config(upstream_port: int, port: int, extra: str = "") -> str:
+    return f"""
+[server]
+drain_timeout = "10s"
+[upstream]
+url = "http://127.0.0.1:{upstream_port}"
+[log]
+access = "off"
+[[listeners]]
+name = "main"
+bind = "127.0.0.1:{port}"
+role = "client"
+{extra}
+"""
+
+
+def http_get(port: int, target: str, timeout: float = 10) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", target, headers={"Host": "matrix.test"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+# -- --version and check -------------------------------------------------------------
+
+
+def test_version(command: list[str], tmp_path: pathlib.Path) -> None:
+    proc = run_cli(command, "--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"palpo-gate {__version__}"
+
+
+def test_check_without_config_prints_the_builtin_default(command: list[str],
+                                                         tmp_path: pathlib.Path) -> None:
+    proc = run_cli(command, "check", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert 'bind = "127.0.0.1:8080"' in proc.stdout
+    assert 'url = "http://127.0.0.1:8008"' in proc.stdout
+    # what it prints is a config file that means the same thing
+    printed = configmod.loads(proc.stdout, "<printed>")
+    assert dataclasses.replace(printed, source="x") == dataclasses.replace(
+        configmod.load(None), source="x")
+
+
+def test_check_with_a_good_config(command: list[str], tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "gate.toml"
+    path.write_text(gate_config(8008, 8448, extra='hosts = ["matrix.test"]\n'
+                                '[limits]\nmax_body_size = "10M"\nheader_timeout = "5s"'))
+    proc = run_cli(command, "check", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert 'bind = "127.0.0.1:8448"' in proc.stdout
+    assert "max_body_size = 10485760" in proc.stdout
+    assert 'header_timeout = "5s"' in proc.stdout
+    assert 'hosts = ["matrix.test"]' in proc.stdout
+
+
+BAD_CONFIG = """
+[upstream]
+url = "http://127.0.0.1:8008"
+read_timout = "30s"
+
+[limits]
+header_timeout = "5 parsecs"
+
+[[listeners]]
+name = "main"
+bind = "nohost"
+"""
+
+
+@pytest.mark.parametrize("mode", ["check", "run"])
+def test_bad_config_reports_every_error_with_its_key_path(command: list[str], mode: str,
+                                                          tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_CONFIG)
+    args = ("check", "--config", str(path)) if mode == "check" else ("--config", str(path))
+    proc = run_cli(command, *args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    for key in ("upstream.read_timout", "limits.header_timeout", "listeners[0].bind"):
+        assert key in proc.stderr, (key, proc.stderr)
+    assert "5 parsecs" in proc.stderr
+    no_traceback(proc.stderr)
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("mode", ["check", "run"])
+def test_missing_config_file(mode: str, tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "nowhere" / "gate.toml"
+    args = ("check", "--config", str(path)) if mode == "check" else ("--config", str(path))
+    proc = run_cli(COMMANDS["python-m"], *args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert str(path) in proc.stderr
+    assert re.search(r"no such file|not found", proc.stderr, re.IGNORECASE), proc.stderr
+    no_traceback(proc.stderr)
+
+
+@pytest.mark.parametrize("mode", ["check", "run"])
+def test_invalid_toml(mode: str, tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "gate.toml"
+    path.write_text('[upstream\nurl = "http://127.0.0.1:8008"\n')
+    args = ("check", "--config", str(path)) if mode == "check" else ("--config", str(path))
+    proc = run_cli(COMMANDS["python-m"], *args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert str(path) in proc.stderr
+    assert "TOML" in proc.stderr
+    no_traceback(proc.stderr)
+
+
+# -- running -------------------------------------------------------------------------
+
+
+def _wait_exit(gp: GateProcess, timeout: float) -> tuple[int, float]:
+    start = time.monotonic()
+    try:
+        rc = gp.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the gate did not exit within {timeout} s of SIGTERM")
+    return rc, time.monotonic() - start
+
+
+def test_runs_serves_forwards_and_stops_on_sigterm(upstream: ThreadUpstream,
+                                                   tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    with run_gate(gate_config(upstream.port, port), tmp_path) as gp:
+        assert http_get(port, "/health") == (200, b"OK\n")
+        status, body = http_get(port, "/_matrix/client/versions?a=%2F")
+        assert (status, body) == (200, b'{"target": "/_matrix/client/versions?a=%2F"}')
+        assert len(upstream.requests) == 1  # /health is never forwarded
+        req = upstream.requests[0]
+        assert req.headers[b"x-forwarded-for"] == b"127.0.0.1"
+        assert req.headers[b"host"] == b"matrix.test:%d" % port
+        # An idle keep-alive client must not hold up the stop.
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        idle.request("GET", "/health")
+        assert idle.getresponse().read() == b"OK\n"
+        gp.proc.send_signal(signal.SIGTERM)
+        rc, took = _wait_exit(gp, 10)
+        idle.close()
+    assert rc == 0, "".join(gp.stderr_lines)
+    assert took < 10, took
+    no_traceback("".join(gp.stderr_lines))
+
+
+def test_sigterm_drains_a_held_request(upstream: ThreadUpstream, tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    result: dict[str, object] = {}
+
+    def client() -> None:
+        try:
+            result["resp"] = http_get(port, "/_matrix/hold/2", timeout=15)
+        except Exception as exc:
+            result["error"] = exc
+
+    with run_gate(gate_config(upstream.port, port), tmp_path) as gp:
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        assert upstream.wait_for(lambda: upstream.requests, 5), "request never reached upstream"
+        sent = time.monotonic()
+        gp.proc.send_signal(signal.SIGTERM)
+        # stop accepting: new connections are refused soon after the signal
+        refused = False
+        for _ in range(20):
+            time.sleep(0.05)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except ConnectionRefusedError:
+                refused = True
+                break
+        assert refused, "the gate still accepts connections while draining"
+        assert gp.proc.poll() is None, "the gate exited with a request in flight"
+        t.join(10)
+        rc, _ = _wait_exit(gp, 10)
+        took = time.monotonic() - sent
+    assert result.get("resp") == (200, b'{"target": "/_matrix/hold/2"}'), result
+    assert rc == 0, "".join(gp.stderr_lines)
+    assert 1.5 <= took < 10, took
+
+
+def test_refuses_to_run_without_the_c_parser(upstream: ThreadUpstream,
+                                             tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "gate.toml"
+    port = free_port()
+    path.write_text(gate_config(upstream.port, port))
+    proc = spawn(path, env={"AIOHTTP_NO_EXTENSIONS": "1"})
+    try:
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode != 0, err
+    assert re.search(r"\bC (HTTP )?parser", err), err
+    assert "palpo-gate ready" not in err
+    no_traceback(err)
+
+
+def test_port_in_use_exits_2_naming_the_listener(upstream: ThreadUpstream,
+                                                 tmp_path: pathlib.Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        path = tmp_path / "gate.toml"
+        path.write_text(gate_config(upstream.port, port))
+        proc = spawn(path)
+        try:
+            out, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=5)
+    assert proc.returncode == 2, err
+    assert "listeners[0].bind" in err
+    assert str(port) in err
+    no_traceback(err)
+
+
+def test_no_config_listens_on_8080(tmp_path: pathlib.Path) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gate does
+        try:
+            probe.bind(("127.0.0.1", 8080))
+        except OSError as exc:
+            pytest.fail(f"127.0.0.1:8080 is in use ({exc}); this test needs it free to "
+                        "check the built-in default listener")
+    proc = subprocess.Popen([sys.executable, "-m", "palpo_gate"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        status = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                status, body = http_get(8080, "/health", timeout=2)
+                break
+            time.sleep(0.1)
+        assert status == 200, f"no /health on 127.0.0.1:8080 (exit status {proc.poll()})"
+        assert body == b"OK\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == 0, err
+    assert "127.0.0.1:8080" in err  # the log says where it listens
+
+
+def test_client_gone_aborts_the_upstream_request(upstream: ThreadUpstream,
+                                                 tmp_path: pathlib.Path) -> None:
+    """Production settings (handler_cancellation): a client that hangs up during a
+    long-poll makes the gate close its upstream connection, and it is not retried."""
+    port = free_port()
+    with run_gate(gate_config(upstream.port, port), tmp_path):
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        try:
+            client.sendall(b"GET /_matrix/client/v3/sync?timeout=30000 HTTP/1.1\r\n"
+                           b"Host: matrix.test\r\nAuthorization: Bearer x\r\n\r\n")
+            assert upstream.wait_for(lambda: upstream.requests, 5), "sync never reached upstream"
+        finally:
+            client.close()
+        gone = time.monotonic()
+        req = upstream.requests[0]
+        assert upstream.wait_for(lambda: req.peer_closed_at is not None, 5), \
+            "the upstream connection stayed open after the client left"
+        assert req.peer_closed_at is not None
+        assert req.peer_closed_at - gone <= 2.0, req.peer_closed_at - gone
+        time.sleep(0.5)
+        assert [r.target for r in upstream.requests] == [b"/_matrix/client/v3/sync?timeout=30000"]

@@ -1,0 +1,368 @@
+"""Header rules in both directions (SPEC section 3), as tables: no sockets.
+
+Headers are raw ``(name, value)`` byte pairs as the parser saw them; what
+passes must keep its name spelling, value, order and duplicates.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from palpo_gate.headers import (
+    build_request_head,
+    host_with_port,
+    new_request_id,
+    response_headers,
+    sane_request_id,
+    strip_hop_by_hop,
+)
+
+H = list[tuple[bytes, bytes]]
+
+#: SPEC section 3, spelled as a client would send them.
+HOP_BY_HOP = [
+    b"Connection", b"Keep-Alive", b"Proxy-Connection", b"TE", b"Trailer",
+    b"Transfer-Encoding", b"Upgrade", b"Proxy-Authorization", b"Proxy-Authenticate",
+]
+HOP_VALUES = {
+    b"Connection": b"keep-alive", b"Keep-Alive": b"timeout=5, max=100",
+    b"Proxy-Connection": b"keep-alive", b"TE": b"trailers", b"Trailer": b"Expires",
+    b"Transfer-Encoding": b"chunked", b"Upgrade": b"websocket",
+    b"Proxy-Authorization": b"Basic dTpw", b"Proxy-Authenticate": b"Basic realm=x",
+}
+
+# -- strip_hop_by_hop --------------------------------------------------------------------
+
+AROUND: H = [(b"Accept", b"*/*"), (b"Authorization", b"Bearer t")]
+
+
+@pytest.mark.parametrize("spelling", ["as-is", "lower", "upper"])
+@pytest.mark.parametrize("name", HOP_BY_HOP, ids=[n.decode() for n in HOP_BY_HOP])
+def test_each_hop_by_hop_header_is_removed(name: bytes, spelling: str) -> None:
+    sent = {"as-is": name, "lower": name.lower(), "upper": name.upper()}[spelling]
+    headers = [AROUND[0], (sent, HOP_VALUES[name]), AROUND[1]]
+    assert strip_hop_by_hop(headers) == AROUND
+
+
+STRIP_TABLE: list[tuple[str, H, H]] = [
+    (
+        "named in Connection",
+        [(b"Connection", b"X-A"), (b"X-A", b"1"), (b"X-B", b"2")],
+        [(b"X-B", b"2")],
+    ),
+    (
+        "several names in one Connection header",
+        [(b"X-A", b"1"), (b"Connection", b"X-A, X-B"), (b"X-B", b"2"), (b"X-C", b"3")],
+        [(b"X-C", b"3")],
+    ),
+    (
+        "several Connection headers",
+        [(b"Connection", b"X-A"), (b"X-A", b"1"), (b"connection", b"x-b"), (b"X-B", b"2"),
+         (b"X-C", b"3")],
+        [(b"X-C", b"3")],
+    ),
+    (
+        "odd case and whitespace in the Connection list",
+        [(b"CONNECTION", b"  x-A ,,\t X-b\t, "), (b"x-a", b"1"), (b"X-B", b"2"),
+         (b"X-C", b"3")],
+        [(b"X-C", b"3")],
+    ),
+    (
+        "a named header is removed wherever it appears, every copy",
+        [(b"X-A", b"1"), (b"Accept", b"a"), (b"X-A", b"2"), (b"Connection", b"x-a")],
+        [(b"Accept", b"a")],
+    ),
+    (
+        "the rest keeps order, case and duplicates",
+        [(b"accept", b"a"), (b"X-Custom", b"v1"), (b"Connection", b"close"),
+         (b"x-custom", b"v2"), (b"ACCEPT-Language", b"de"), (b"X-Custom", b"v1")],
+        [(b"accept", b"a"), (b"X-Custom", b"v1"), (b"x-custom", b"v2"),
+         (b"ACCEPT-Language", b"de"), (b"X-Custom", b"v1")],
+    ),
+    (
+        "values are untouched",
+        [(b"Cookie", b"a=1;  b=2 "), (b"Content-Type", b"application/json; charset=UTF-8")],
+        [(b"Cookie", b"a=1;  b=2 "), (b"Content-Type", b"application/json; charset=UTF-8")],
+    ),
+    ("nothing", [], []),
+]
+
+
+@pytest.mark.parametrize(("headers", "expected"), [r[1:] for r in STRIP_TABLE],
+                         ids=[r[0] for r in STRIP_TABLE])
+def test_strip_hop_by_hop(headers: H, expected: H) -> None:
+    assert strip_hop_by_hop(headers) == expected
+
+
+def test_strip_hop_by_hop_does_not_modify_its_input() -> None:
+    headers = [(b"Connection", b"X-A"), (b"X-A", b"1")]
+    strip_hop_by_hop(headers)
+    assert headers == [(b"Connection", b"X-A"), (b"X-A", b"1")]
+
+
+# -- build_request_head ------------------------------------------------------------------
+
+CLIENT = "203.0.113.7"
+
+
+def _head(headers: H, *, trusted: bool = False, framing: bytes = b"",
+          rid_name: bytes = b"X-Request-ID", method: bytes = b"GET",
+          target: bytes = b"/_matrix/client/versions", proto: bytes = b"https",
+          host: bytes = b"matrix.example.com:443") -> bytes:
+    return build_request_head(
+        method, target, headers, client_addr=CLIENT, peer_trusted=trusted, proto=proto,
+        host=host, request_id_name=rid_name, request_id=b"rid-1", framing=framing,
+    )
+
+
+def _lines(*lines: bytes) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+
+
+TAIL_UNTRUSTED = (b"X-Forwarded-For: 203.0.113.7", b"X-Forwarded-Proto: https",
+                  b"X-Request-ID: rid-1")
+REQ_LINE = b"GET /_matrix/client/versions HTTP/1.1"
+HOST = b"Host: matrix.example.com:443"
+
+CLIENT_FORWARDING: H = [
+    (b"Forwarded", b"for=198.51.100.1"), (b"X-Real-IP", b"198.51.100.1"),
+    (b"X-Forwarded-Host", b"evil.example"), (b"X-Forwarded-Port", b"1234"),
+]
+SET_BY_GATE: H = [
+    (b"Host", b"evil.example"), (b"X-Forwarded-For", b"198.51.100.1"),
+    (b"X-Forwarded-Proto", b"http"), (b"X-Request-ID", b"client-id"),
+    (b"Content-Length", b"999"), (b"Expect", b"100-continue"),
+]
+
+HEAD_TABLE: list[tuple[str, dict[str, object], bytes]] = [
+    (
+        "no headers",
+        {"headers": []},
+        _lines(REQ_LINE, HOST, *TAIL_UNTRUSTED),
+    ),
+    (
+        "other headers keep order, case and duplicates",
+        {"headers": [(b"user-agent", b"ua"), (b"Accept", b"*/*"), (b"X-Dup", b"1"),
+                     (b"Authorization", b"X-Matrix origin=o,key=k,sig=s"), (b"x-dup", b"2")]},
+        _lines(REQ_LINE, HOST, b"user-agent: ua", b"Accept: */*", b"X-Dup: 1",
+               b"Authorization: X-Matrix origin=o,key=k,sig=s", b"x-dup: 2", *TAIL_UNTRUSTED),
+    ),
+    (
+        "client-sent Host, X-Forwarded-*, request id, Content-Length, Expect replaced",
+        {"headers": [(b"Accept", b"a"), *SET_BY_GATE, (b"User-Agent", b"ua")]},
+        _lines(REQ_LINE, HOST, b"Accept: a", b"User-Agent: ua", *TAIL_UNTRUSTED),
+    ),
+    (
+        "replaced whatever the case of the name",
+        {"headers": [(b"HOST", b"h"), (b"x-forwarded-for", b"1.1.1.1"),
+                     (b"X-FORWARDED-PROTO", b"http"), (b"x-request-id", b"c"),
+                     (b"content-length", b"1"), (b"EXPECT", b"100-continue")]},
+        _lines(REQ_LINE, HOST, *TAIL_UNTRUSTED),
+    ),
+    (
+        "untrusted peer: made-up forwarding headers dropped",
+        {"headers": [(b"Accept", b"a"), *CLIENT_FORWARDING, (b"User-Agent", b"ua")]},
+        _lines(REQ_LINE, HOST, b"Accept: a", b"User-Agent: ua", *TAIL_UNTRUSTED),
+    ),
+    (
+        "trusted peer: forwarding headers kept in place",
+        {"headers": [(b"Accept", b"a"), *CLIENT_FORWARDING, (b"User-Agent", b"ua")],
+         "trusted": True},
+        _lines(REQ_LINE, HOST, b"Accept: a", b"Forwarded: for=198.51.100.1",
+               b"X-Real-IP: 198.51.100.1", b"X-Forwarded-Host: evil.example",
+               b"X-Forwarded-Port: 1234", b"User-Agent: ua", *TAIL_UNTRUSTED),
+    ),
+    (
+        "trusted peer: X-Forwarded-For appended to",
+        {"headers": [(b"X-Forwarded-For", b"198.51.100.1")], "trusted": True},
+        _lines(REQ_LINE, HOST, b"X-Forwarded-For: 198.51.100.1, 203.0.113.7",
+               *TAIL_UNTRUSTED[1:]),
+    ),
+    (
+        "trusted peer: several X-Forwarded-For headers joined in order",
+        {"headers": [(b"X-Forwarded-For", b"192.0.2.1"), (b"Accept", b"a"),
+                     (b"x-forwarded-for", b"192.0.2.2, 192.0.2.3")], "trusted": True},
+        _lines(REQ_LINE, HOST, b"Accept: a",
+               b"X-Forwarded-For: 192.0.2.1, 192.0.2.2, 192.0.2.3, 203.0.113.7",
+               *TAIL_UNTRUSTED[1:]),
+    ),
+    (
+        "trusted peer without X-Forwarded-For: just the client",
+        {"headers": [(b"Accept", b"a")], "trusted": True},
+        _lines(REQ_LINE, HOST, b"Accept: a", *TAIL_UNTRUSTED),
+    ),
+    (
+        "untrusted peer: several X-Forwarded-For headers all discarded",
+        {"headers": [(b"X-Forwarded-For", b"192.0.2.1"), (b"X-Forwarded-For", b"192.0.2.2")]},
+        _lines(REQ_LINE, HOST, *TAIL_UNTRUSTED),
+    ),
+    (
+        # RFC 9110 section 7.6.1: a header named in Connection is removed before
+        # the gate adds its own; the trusted proxy's X-Forwarded-For is one of them.
+        "trusted peer: X-Forwarded-For named in Connection is not appended to",
+        {"headers": [(b"X-Forwarded-For", b"192.0.2.1"), (b"Connection", b"X-Forwarded-For")],
+         "trusted": True},
+        _lines(REQ_LINE, HOST, *TAIL_UNTRUSTED),
+    ),
+    (
+        "hop-by-hop and Connection-named headers removed",
+        {"headers": [(b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"s"),
+                     (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"),
+                     (b"Upgrade", b"websocket"), (b"Proxy-Authorization", b"Basic x"),
+                     (b"Proxy-Connection", b"keep-alive"), (b"Trailer", b"X"),
+                     (b"Transfer-Encoding", b"chunked"), (b"Accept", b"a")],
+         "framing": b"Transfer-Encoding: chunked"},
+        _lines(REQ_LINE, HOST, b"Accept: a", *TAIL_UNTRUSTED, b"Transfer-Encoding: chunked"),
+    ),
+    (
+        "Content-Length framing line last",
+        {"headers": [(b"Content-Type", b"application/json"), (b"Content-Length", b"2")],
+         "framing": b"Content-Length: 2", "method": b"POST",
+         "target": b"/_matrix/client/v3/login"},
+        _lines(b"POST /_matrix/client/v3/login HTTP/1.1", HOST,
+               b"Content-Type: application/json", *TAIL_UNTRUSTED, b"Content-Length: 2"),
+    ),
+    (
+        "raw target byte for byte",
+        {"headers": [], "method": b"PUT",
+         "target": b"/_matrix/client/v3/rooms/%21a%3Ahs/send/m.room.message/a%2fb%2E?x=%2F&&"},
+        _lines(b"PUT /_matrix/client/v3/rooms/%21a%3Ahs/send/m.room.message/a%2fb%2E?x=%2F&& "
+               b"HTTP/1.1", HOST, *TAIL_UNTRUSTED),
+    ),
+    (
+        "plain listener, IPv6 Host",
+        {"headers": [], "proto": b"http", "host": b"[::1]:8080"},
+        _lines(REQ_LINE, b"Host: [::1]:8080", b"X-Forwarded-For: 203.0.113.7",
+               b"X-Forwarded-Proto: http", b"X-Request-ID: rid-1"),
+    ),
+    (
+        "custom request id header: the client's copy replaced, X-Request-ID passes",
+        {"headers": [(b"x-correlation-id", b"client"), (b"X-Request-ID", b"other")],
+         "rid_name": b"X-Correlation-ID"},
+        _lines(REQ_LINE, HOST, b"X-Request-ID: other", b"X-Forwarded-For: 203.0.113.7",
+               b"X-Forwarded-Proto: https", b"X-Correlation-ID: rid-1"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [r[1:] for r in HEAD_TABLE],
+                         ids=[r[0] for r in HEAD_TABLE])
+def test_build_request_head(kwargs: dict[str, object], expected: bytes) -> None:
+    assert _head(**kwargs) == expected  # type: ignore[arg-type]
+
+
+def test_build_request_head_has_host_first_and_one_of_each_gate_header() -> None:
+    head = _head([*SET_BY_GATE, *CLIENT_FORWARDING, (b"Accept", b"a")], trusted=True)
+    lines = head.split(b"\r\n")
+    assert lines[1].startswith(b"Host: ")
+    names = [line.split(b":", 1)[0].lower() for line in lines[1:] if line]
+    for name in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"):
+        assert names.count(name) == 1, name
+    assert b"content-length" not in names and b"expect" not in names
+    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+
+
+# -- host_with_port ----------------------------------------------------------------------
+
+HOST_TABLE: list[tuple[bytes | None, int, bytes]] = [
+    (b"matrix.example.com", 443, b"matrix.example.com:443"),
+    (b"matrix.example.com:8448", 443, b"matrix.example.com:8448"),
+    (b"127.0.0.1", 8080, b"127.0.0.1:8080"),
+    (b"127.0.0.1:8080", 443, b"127.0.0.1:8080"),
+    (b"[::1]", 8448, b"[::1]:8448"),
+    (b"[2001:db8::1]:443", 8448, b"[2001:db8::1]:443"),
+    (b"Matrix.Example.COM", 443, b"Matrix.Example.COM:443"),  # case kept
+    (b"", 443, b"fallback:443"),
+    (None, 443, b"fallback:443"),
+    (b"matrix.example.com", 0, b"matrix.example.com"),  # unix listener: no port
+    (b"[::1]", 0, b"[::1]"),
+]
+
+
+@pytest.mark.parametrize(("host", "port", "expected"), HOST_TABLE,
+                         ids=[f"{h!r}-{p}" for h, p, _ in HOST_TABLE])
+def test_host_with_port(host: bytes | None, port: int, expected: bytes) -> None:
+    assert host_with_port(host, port, b"fallback:443") == expected
+
+
+# -- request ids -------------------------------------------------------------------------
+
+GOOD_IDS = [
+    b"a",
+    b"rid-1",
+    b"550e8400-e29b-41d4-a716-446655440000",
+    b"0123456789abcdef0123456789abcdef",
+    b"req.1:2/3+4=5@6_7",
+    b"Ab0" * 42 + b"xy",  # 128 bytes
+]
+BAD_IDS = [
+    pytest.param(None, id="absent"),
+    pytest.param(b"", id="empty"),
+    pytest.param(b"a" * 129, id="129 bytes"),
+    pytest.param(b"a b", id="inner space"),
+    pytest.param(b" abc", id="leading space"),
+    pytest.param(b"abc ", id="trailing space"),
+    pytest.param(b"a\tb", id="tab"),
+    pytest.param(b"abc\r\nX-Injected: 1", id="CRLF and a header"),
+    pytest.param(b"abc\n", id="trailing LF"),
+    pytest.param(b"abc\r", id="trailing CR"),
+    pytest.param(b"abc\r\n", id="trailing CRLF"),
+    pytest.param(b"\nabc", id="leading LF"),
+    pytest.param(b"a\x00b", id="NUL"),
+    pytest.param(b"caf\xc3\xa9", id="UTF-8"),
+    pytest.param(b"\xff", id="non-ASCII byte"),
+    pytest.param(b"a" * 128 + b"\n", id="128 bytes and a trailing LF"),
+]
+
+
+@pytest.mark.parametrize("value", GOOD_IDS, ids=[v[:20].decode() for v in GOOD_IDS])
+def test_sane_request_id_accepts(value: bytes) -> None:
+    assert len(value) <= 128
+    assert sane_request_id(value) is True
+
+
+@pytest.mark.parametrize("value", BAD_IDS)
+def test_sane_request_id_refuses(value: bytes | None) -> None:
+    assert sane_request_id(value) is False
+
+
+def test_new_request_ids_are_sane_and_distinct() -> None:
+    ids = {new_request_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(sane_request_id(i) for i in ids)
+
+
+# -- response_headers --------------------------------------------------------------------
+
+RESPONSE_TABLE: list[tuple[str, H, H]] = [
+    (
+        "Content-Length and hop-by-hop removed, Set-Cookie duplicates kept",
+        [(b"Content-Type", b"application/json"), (b"Content-Length", b"5"),
+         (b"Set-Cookie", b"a=1; Path=/"), (b"Connection", b"close, X-Internal"),
+         (b"X-Internal", b"x"), (b"Set-Cookie", b"b=2; Path=/"),
+         (b"Transfer-Encoding", b"chunked"), (b"Keep-Alive", b"timeout=5"),
+         (b"Proxy-Authenticate", b"Basic"), (b"Upgrade", b"h2c"), (b"Trailer", b"X"),
+         (b"set-cookie", b"a=1; Path=/"), (b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT")],
+        [(b"Content-Type", b"application/json"), (b"Set-Cookie", b"a=1; Path=/"),
+         (b"Set-Cookie", b"b=2; Path=/"), (b"set-cookie", b"a=1; Path=/"),
+         (b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT")],
+    ),
+    (
+        "content-length in any case",
+        [(b"content-length", b"5"), (b"CONTENT-LENGTH", b"5"), (b"ETag", b'"x"')],
+        [(b"ETag", b'"x"')],
+    ),
+    (
+        "nothing to remove: unchanged, Content-Encoding kept",
+        [(b"Content-Encoding", b"gzip"), (b"Vary", b"Accept-Encoding"),
+         (b"Cache-Control", b"no-cache")],
+        [(b"Content-Encoding", b"gzip"), (b"Vary", b"Accept-Encoding"),
+         (b"Cache-Control", b"no-cache")],
+    ),
+]
+
+
+@pytest.mark.parametrize(("headers", "expected"), [r[1:] for r in RESPONSE_TABLE],
+                         ids=[r[0] for r in RESPONSE_TABLE])
+def test_response_headers(headers: H, expected: H) -> None:
+    assert response_headers(headers) == expected
