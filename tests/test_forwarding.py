@@ -478,9 +478,10 @@ class DropOnReuse:
     """Answers the first request of a connection; on a reused connection it
     reads the request (body included) and closes without answering, once."""
 
-    def __init__(self) -> None:
+    def __init__(self, how: str = "close") -> None:
         self.per_conn: dict[int, int] = {}
         self.dropped = 0
+        self.how = how  # "close" (FIN) or "abort" (RST)
 
     async def __call__(self, req: Req, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> None:
@@ -488,13 +489,18 @@ class DropOnReuse:
         n = self.per_conn[id(writer)] = self.per_conn.get(id(writer), 0) + 1
         if n >= 2 and self.dropped == 0:
             self.dropped += 1
-            writer.transport.abort()
+            if self.how == "abort":
+                writer.transport.abort()
+            else:
+                writer.close()
             return
         writer.write(response(200, b"answer " + req.target))
 
 
-async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(up: Recorder) -> None:
-    dropper = DropOnReuse()
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(
+        up: Recorder, how: str) -> None:
+    dropper = DropOnReuse(how)
     up.handler = dropper
     async with running_gate(gate_toml(up_url(up))) as gate:
         conn = await Conn.open(port_of(gate))
@@ -511,8 +517,10 @@ async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(up: Reco
         assert up.connections == 2
 
 
-async def test_post_with_consumed_body_dropped_unanswered_is_not_retried(up: Recorder) -> None:
-    dropper = DropOnReuse()
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_post_with_consumed_body_dropped_unanswered_is_not_retried(
+        up: Recorder, how: str) -> None:
+    dropper = DropOnReuse(how)
     up.handler = dropper
     async with running_gate(gate_toml(up_url(up))) as gate:
         conn = await Conn.open(port_of(gate))
@@ -589,8 +597,10 @@ def closed_port() -> int:
 
 async def test_refused_upstream_is_a_matrix_502() -> None:
     async with running_gate(gate_toml(f"http://127.0.0.1:{closed_port()}")) as gate:
-        resp = await fetch(port_of(gate), get("/_matrix/client/versions"))
+        resp = await fetch(port_of(gate), get("/_matrix/client/versions",
+                                              extra="X-Request-ID: trace-502\r\n"))
         assert_matrix_error(resp, 502)
+        assert resp.header_all("X-Request-ID") == ["trace-502"]  # the operator can find it
         # the gate stays up and answers locally
         resp = await fetch(port_of(gate), get("/health"))
         assert resp.status == 200
@@ -614,6 +624,8 @@ async def test_silent_upstream_is_a_matrix_504(up: Recorder) -> None:
         elapsed = loop.time() - t0
         assert_matrix_error(resp, 504)
         assert 0.4 <= elapsed < 3.0, elapsed
+        assert resp.header_all("X-Request-ID") == [
+            up.requests[0].header("x-request-id").decode()]  # type: ignore[union-attr]
         async with asyncio.timeout(2):
             await closed.wait()  # the timed-out upstream connection was closed
 
@@ -666,6 +678,28 @@ async def test_upstream_cut_mid_chunked_response_closes_the_client(up: Recorder)
             assert resp.complete is False  # never a clean, short body
             assert resp.body.startswith(b"0123456789")
             assert conn.reader.at_eof()
+        finally:
+            await conn.close()
+
+
+async def test_response_delimited_by_close_arrives_whole(up: Recorder) -> None:
+    async def until_close(req: Req, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        await req.read_body(reader)
+        # neither Content-Length nor Transfer-Encoding: the body ends with the
+        # connection (RFC 9112 section 6.3 rule 8); that is a complete response
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close")
+        await writer.drain()
+        writer.close()
+
+    up.handler = until_close
+    async with running_gate(gate_toml(up_url(up))) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            for target in ("/_matrix/a", "/_matrix/b"):
+                resp = await conn.request(get(target))
+                assert resp.status == 200 and resp.complete, target
+                assert resp.body == b"until close"
         finally:
             await conn.close()
 

@@ -272,6 +272,41 @@ async def test_plain_http_on_the_tls_port_is_not_served(tls_files: dict[str, str
             await conn.close()
 
 
+async def test_header_timeout_covers_the_handshake_and_the_head(
+        tls_files: dict[str, str]) -> None:
+    """Slowloris over TLS: a client that never sends its ClientHello, and one that
+    completes the handshake but drips its head, are both cut after header_timeout."""
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", listener=_tls_listener(tls_files),
+                         extra='[limits]\nheader_timeout = "1s"')
+        async with running_gate(toml) as gate:
+            port = port_of(gate)
+            silent = await Conn.open(port)
+            try:
+                assert await silent.closed_by_peer(timeout=4), "silent TCP client never cut"
+            finally:
+                await silent.close()
+
+            conn = await handshake(port, client_ctx(tls_files), "matrix.test")
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            watcher = asyncio.ensure_future(conn.closed_by_peer(timeout=6))
+            try:
+                head = get("/_matrix/client/versions", host="matrix.test")
+                for i in range(len(head) - 1):  # never the final byte
+                    if watcher.done():
+                        break
+                    with contextlib.suppress(ConnectionError):
+                        await conn.send(head[i:i + 1])
+                    await asyncio.sleep(0.2)
+                closed = await watcher
+            finally:
+                watcher.cancel()
+                await conn.close()
+            assert closed and loop.time() - start <= 3.5, loop.time() - start
+            assert up.requests == []
+
+
 # -- config errors ---------------------------------------------------------------------
 
 
