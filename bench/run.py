@@ -10,7 +10,7 @@ What it does, in order:
    not, unless --no-install) and that matplotlib imports (pip installs
    bench/requirements.txt if not);
 2. in a temp dir: a self-signed certificate (openssl req), a 16 MiB media
-   file, and two upstreams pinned to CPU 0: nginx serving a ~250-byte JSON
+   file, and two upstreams pinned to CPU 0: nginx serving a ~240-byte JSON
    /versions answer and the media file (bench/nginx_upstream.conf.tmpl), and
    bench/slow_upstream.py for held /sync long-polls and uploads;
 3. rounds of the arms in a fixed interleaved order (direct, nginx, gate, direct,
@@ -65,7 +65,7 @@ UPLOAD_PATH = "/_matrix/media/v3/upload"
 SYNC_PATH = "/_matrix/client/v3/sync"
 MEDIA_SIZE = 16 * MiB
 UPLOAD_SIZE = 20 * MiB
-# Palpo-like /versions answer; 250 bytes.
+# Palpo-like /versions answer, ~240 bytes.
 VERSIONS_JSON = json.dumps({
     "versions": ["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6",
                  "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"],
@@ -646,7 +646,7 @@ def url(port: int, path: str, tls: bool = False) -> str:
 
 def measure_small_get(ctx: Ctx, proxy: Service | None, port: int, tls: bool,
                       label: str) -> dict[str, Any]:
-    """wrk -t1 -c64 --latency on the ~250-byte /versions answer: req/s, p50, p99,
+    """wrk -t1 -c64 --latency on the ~240-byte /versions answer: req/s, p50, p99,
     and the proxy's CPU per request."""
     res, cpu = wrk_with_cpu(ctx, proxy, url(port, VERSIONS_PATH, tls), ctx.mode.get_s, 64,
                             latency=True)
@@ -1040,45 +1040,74 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bar_color(f: Figure, med: float, target: dict[str, Any] | None) -> str:
+    if target is not None and target["met"] is not None:
+        return "tab:green" if target["met"] else "tab:red"
+    good = med >= 1 if f.better == "higher" else med <= 1
+    return "tab:blue" if good else "tab:orange"
+
+
+def _chart_label(f: Figure, target: dict[str, Any] | None) -> str:
+    label = f"{f.label} [{f.better} is better]"
+    if target is not None and target["kind"] == "abs":
+        label += f"\ntarget {target['op']} {target['bound']:g} {f.unit}: gate {target['shown']}"
+    return label
+
+
 def chart(result: dict[str, Any], path: Path) -> None:
+    """Horizontal bars of gate / nginx per figure, drawn from 1.0 on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     rats = result["ratios"].get("gate")
-    targets = {t["figure"]: t for t in result["targets"] if t["kind"] == "ratio"}
+    targets = {t["figure"]: t for t in result["targets"]}
     figs = [f for f in FIGURES if f.key not in ("longpoll_completed", "longpoll_peak_held")]
-    fig_, ax = plt.subplots(figsize=(10, 0.42 * len(figs) + 1.8))
+    fig_, ax = plt.subplots(figsize=(11, 0.45 * len(figs) + 2.2))
     if not rats:
-        ax.text(0.5, 0.5, "no nginx arm: no ratios", ha="center", va="center")
+        ax.text(0.5, 0.5, "no gate and nginx arms: no ratios", ha="center", va="center")
         ax.set_axis_off()
     else:
         ys = list(range(len(figs)))[::-1]
+        values = []
         for y, f in zip(ys, figs, strict=True):
-            r = rats[f.key]
+            r, t = rats[f.key], targets.get(f.key)
             med = r["median_of_rounds"]
-            if med is None:
+            if med is None or med <= 0:
                 ax.text(1.0, y, "  n/a", va="center", fontsize=8)
                 continue
-            good = med >= 1 if f.better == "higher" else med <= 1
-            t = targets.get(f.key)
-            color = ("tab:green" if t["met"] else "tab:red") if t else (
-                "tab:blue" if good else "tab:orange")
-            ax.barh(y, med, color=color, alpha=0.75, height=0.6, left=0)
-            pts = [x for x in r["per_round"] if x is not None]
+            values += [med, *(x for x in r["per_round"] if x)]
+            ax.barh(y, med - 1, left=1, color=_bar_color(f, med, t), alpha=0.75, height=0.6)
+            pts = [x for x in r["per_round"] if x is not None and x > 0]
             ax.scatter(pts, [y] * len(pts), color="black", s=10, zorder=3)
-            ax.text(med, y, f"  {med:.2f}x", va="center", fontsize=8)
-            if t:
-                ax.plot([t["bound"]] * 2, [y - 0.4, y + 0.4], color="black", lw=2, zorder=4)
+            ax.text(med, y, f" {med:.2f}x ", va="center",
+                    ha="left" if med >= 1 else "right", fontsize=8)
+            if t is not None and t["kind"] == "ratio":
+                values.append(t["bound"])
+                ax.plot([t["bound"]] * 2, [y - 0.4, y + 0.4], color="black", lw=2.5, zorder=4)
         ax.set_yticks(ys)
-        ax.set_yticklabels([f"{f.label} [{f.better} better]" for f in figs], fontsize=8)
+        ax.set_yticklabels([_chart_label(f, targets.get(f.key)) for f in figs], fontsize=8)
         ax.axvline(1.0, color="grey", ls="--", lw=1)
         ax.set_xscale("log")
-        ax.set_xlabel("gate / nginx (median of per-round ratios; dots: rounds; "
-                      "black tick: target; green/red: target met/missed)")
-    ax.set_title(f"palpo_gate vs nginx, 1 core each — {result['name']} "
-                 f"({result['mode']}, {result['date'][:10]})", fontsize=10)
+        lo, hi = min([*values, 0.5]) / 1.6, max([*values, 2.0]) * 1.6
+        ax.set_xlim(lo, hi)
+        ticks = [x for x in (0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50) if lo <= x <= hi]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{x:g}x" for x in ticks])
+        ax.set_xlabel("gate / nginx, median of per-round ratios (dots: single rounds; "
+                      "thick tick: target)", fontsize=9)
+        ax.legend(handles=[Patch(color="tab:green", alpha=0.75, label="target met"),
+                           Patch(color="tab:red", alpha=0.75, label="target missed"),
+                           Patch(color="tab:blue", alpha=0.75, label="gate better (no target)"),
+                           Patch(color="tab:orange", alpha=0.75, label="gate worse (no target)")],
+                  loc="lower right", fontsize=7, framealpha=0.9)
+    ax.set_title(f"palpo_gate vs nginx, one core each: {result['name']} "
+                 f"({result['mode']}, {result['date'][:10]}, {result['settings']['rounds']} "
+                 "round(s))", fontsize=10)
     fig_.tight_layout()
     fig_.savefig(path, dpi=110)
     plt.close(fig_)
@@ -1093,7 +1122,7 @@ NOTES = [
     "access log off (nginx: access_log off).",
     "Pinning: the proxy under test on CPU 1 (taskset -c 1); wrk, both upstreams and this "
     "runner (incl. its asyncio long-poll client) on CPU 0, so every proxy figure is per core.",
-    "Small GET: `wrk -t1 -c64 --latency` on GET /_matrix/client/versions (a fixed ~250-byte "
+    "Small GET: `wrk -t1 -c64 --latency` on GET /_matrix/client/versions (a fixed ~240-byte "
     "JSON from the upstream nginx); req/s, and p50 / p99 from wrk's latency distribution.",
     "CPU per request: utime+stime of the proxy's processes (/proc/PID/stat; nginx master + "
     "worker, the gate process and any children) before and after the wrk run, divided by the "

@@ -1,9 +1,9 @@
 """The config file: TOML in, one immutable, fully parsed :class:`Config` out.
 
-This module owns the schema of SPEC section 7 and every default in it. It is
-pure: it reads the file and checks that certificate files exist, but it opens
-no socket and builds no SSL context (``tls.py`` does, at load, and reports
-errors with the same key paths).
+This module owns the schema of SPEC section 7 and every default in it. It
+opens no socket; it reads the file and checks that each certificate and key
+load as a pair, so that certificate errors are reported with all the others
+(``tls.py`` builds the SSL contexts the listeners use).
 
 Rules:
 - Everything is parsed here, once: durations to float seconds, sizes to int
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -531,12 +532,30 @@ def _read_tls(r: _Reader, raw: object, p: str) -> Tls | None:
         if not st.get("names"):
             r.error(f"{sp}.names", "required: at least one server name")
         sni.append(SniCert(names, r.get(st, sp, "cert", _file), r.get(st, sp, "key", _file)))
-    return Tls(
+    tls = Tls(
         cert=r.get(t, p, "cert", _file),
         key=r.get(t, p, "key", _file),
         strict_sni=r.get(t, p, "strict_sni", _bool, False),
         sni=tuple(sni),
     )
+    pairs = [(f"{p}.cert", tls), *((f"{p}.sni[{i}].cert", s) for i, s in enumerate(sni))]
+    for where, pair in pairs:
+        if pair.cert and pair.key:
+            problem = _cert_pair_problem(pair.cert, pair.key)
+            if problem:
+                r.error(where, problem)
+    return tls
+
+
+def _cert_pair_problem(cert: str, key: str) -> str | None:
+    """Why *cert* and *key* do not load as a pair, or None. Checked here, with
+    the other errors, so that every error is reported at once."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        return f"cannot load certificate {cert} with key {key}: " \
+               f"{getattr(exc, 'reason', None) or exc}"
+    return None
 
 
 def _read_listeners(r: _Reader, raw: object) -> tuple[Listener, ...]:

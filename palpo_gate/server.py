@@ -21,7 +21,7 @@ import ssl
 import stat
 from typing import Any
 
-from aiohttp import web, web_protocol
+from aiohttp import http_exceptions, web, web_protocol
 
 from . import tls as tlsmod
 from .config import Bind, Config, ConfigError, Listener
@@ -49,13 +49,32 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        # _request_in_progress / _messages are aiohttp 3.14 internals (pinned).
+        # _request_in_progress / _messages / _current_request are aiohttp 3.14
+        # internals (pinned to 3.14.x in pyproject.toml).
+        if self._request_in_progress and self._messages:
+            self._fail_body_on_parse_error()
         if self._request_in_progress or self._messages:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
         elif self._head_timer is None and data:
             self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _fail_body_on_parse_error(self) -> None:
+        """Invalid framing in the middle of a body being forwarded (a bad chunk
+        size, say): aiohttp drops the body stream silently and queues a 400
+        behind the request. Fail the body instead, so the handler aborts the
+        upstream request and answers 400 at once (SPEC section 5)."""
+        msg = self._messages[-1][0]
+        request = self._current_request
+        if not isinstance(msg, web_protocol._ErrInfo) or request is None:
+            return
+        content = request.content
+        if content.is_eof():
+            return
+        self._messages.pop()  # answered by the handler, not by a second 400
+        content.set_exception(http_exceptions.BadHttpMessage(msg.message))
+        content.feed_eof()  # nothing to linger for: the connection closes after
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -213,6 +232,12 @@ class Gate:
         """Stop accepting, let in-flight requests finish for *drain_timeout*, close."""
         for _, _, srv in self.servers:
             srv.close()
+        for _, gs, _ in self.servers:
+            for conn in gs.connections:
+                # Idle keep-alive connections hold no request: close them now
+                # rather than wait the drain out for a request that won't come.
+                if not conn._request_in_progress and not conn._messages:
+                    conn.force_close()
         if drain_timeout > 0:
             await asyncio.gather(*(gs.shutdown(drain_timeout) for _, gs, _ in self.servers),
                                  return_exceptions=True)
