@@ -138,13 +138,14 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def recorder(unix_path: str | None = None) -> AsyncIterator[Recorder]:
+async def recorder(unix_path: str | None = None, host: str = "127.0.0.1"
+                   ) -> AsyncIterator[Recorder]:
     rec = Recorder()
     if unix_path:
         server = await asyncio.start_unix_server(rec._serve, unix_path)
         rec.path = unix_path
     else:
-        server = await asyncio.start_server(rec._serve, "127.0.0.1", 0)
+        server = await asyncio.start_server(rec._serve, host, 0)
         rec.port = server.sockets[0].getsockname()[1]
     try:
         yield rec
