@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from conftest import running_gate
 from support.client import Conn, fetch, get
 from support.recorder import recorder
-
-from conftest import running_gate
 
 TWO_LISTENERS = """
 [upstream]
