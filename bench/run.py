@@ -1,6 +1,6 @@
 """palpo_gate against nginx (and no proxy at all), side by side, in one command.
 
-    python bench/run.py            # full run (~12 min): 5 rounds, 8,000 long-polls
+    python bench/run.py            # full run (~12-15 min): 5 rounds, 8,000 long-polls
     python bench/run.py --quick    # < 3 min: 3 rounds of 3 s, 1,000 long-polls
     python bench/run.py --smoke    # < 30 s: 1 round of 1 s, 50 long-polls (CI)
 
@@ -777,7 +777,7 @@ async def _watch_held(ctx: Ctx, proxy: Service | None, baseline: int, done: asyn
                       result: dict[str, Any]) -> None:
     """Poll the upstream's held count; sample the proxy's RSS at the peak."""
     assert ctx.slow is not None
-    peak, rss = 0, None
+    peak, rss, peak_at, t0 = 0, None, None, time.monotonic()
     while not done.is_set():
         with contextlib.suppress(Exception):
             held = (await _slow_stats(ctx.slow.ports["plain"]))["held"] - baseline
@@ -785,10 +785,12 @@ async def _watch_held(ctx: Ctx, proxy: Service | None, baseline: int, done: asyn
                 if proxy is not None:
                     now = proxy.rss_kib()
                     rss = now if held > peak or rss is None else max(rss, now)
+                if held > peak:
+                    peak_at = round(time.monotonic() - t0, 2)
                 peak = held
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(done.wait(), 0.1)
-    result["peak"], result["rss_kib"] = peak, rss
+    result["peak"], result["rss_kib"], result["peak_at_s"] = peak, rss, peak_at
 
 
 async def _longpolls(ctx: Ctx, proxy: Service | None, port: int, n: int,
@@ -813,23 +815,41 @@ async def _longpolls(ctx: Ctx, proxy: Service | None, port: int, n: int,
     return {"outcomes": outcomes, "elapsed_s": elapsed, **watch}
 
 
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows (machine-wide): connections dropped because a
+    listener's accept queue was full; the client retries the SYN after 1 s, 3 s..."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            if names.startswith("TcpExt:"):
+                return int(values.split()[names.split().index("ListenOverflows")])
+    return 0
+
+
 def measure_longpolls(ctx: Ctx, proxy: Service | None, port: int, idle_kib: int | None,
                       label: str) -> dict[str, Any]:
     """N concurrent GET /sync held by the upstream: how many come back 200, how many
     were held at once, and the proxy's RSS at that moment."""
     n = ctx.mode.longpolls
     baseline = slow_stats(ctx)["held"]
+    overflows = listen_overflows()
     res = run_async(_longpolls(ctx, proxy, port, n, baseline))
+    overflows = listen_overflows() - overflows
     ok = res["outcomes"].get("200", 0)
     if ok != n:
         ctx.flags.append(f"{label}: {ok}/{n} long-polls answered 200 ({res['outcomes']})")
     if res["peak"] < n:
         ctx.flags.append(f"{label}: only {res['peak']}/{n} long-polls were held at once")
+    if overflows:
+        ctx.flags.append(f"{label}: {overflows} connections overflowed a listen backlog "
+                         "(TcpExt ListenOverflows; SYN retried after 1 s+)")
     out: dict[str, Any] = {
         "longpoll_completed": ok,
         "longpoll_peak_held": res["peak"],
         "_longpoll_outcomes": res["outcomes"],
         "_longpoll_elapsed_s": round(res["elapsed_s"], 2),
+        "_longpoll_peak_at_s": res["peak_at_s"],
+        "_listen_overflows": overflows,
         "held_rss_mib": None,
         "rss_kib_per_held": None,
     }
@@ -1083,8 +1103,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
             ax.barh(y, med - 1, left=1, color=_bar_color(f, med, t), alpha=0.75, height=0.6)
             pts = [x for x in r["per_round"] if x is not None and x > 0]
             ax.scatter(pts, [y] * len(pts), color="black", s=10, zorder=3)
-            ax.text(med, y, f" {med:.2f}x ", va="center",
-                    ha="left" if med >= 1 else "right", fontsize=8)
+            rounds = ", ".join(f"{x:.2f}" for x in pts) if len(pts) > 1 else ""
+            ax.text(1.01, y, f"{med:.2f}x" + (f"  ({rounds})" if rounds else ""),
+                    transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8)
             if t is not None and t["kind"] == "ratio":
                 values.append(t["bound"])
                 ax.plot([t["bound"]] * 2, [y - 0.4, y + 0.4], color="black", lw=2.5, zorder=4)
@@ -1098,8 +1119,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticklabels([f"{x:g}x" for x in ticks])
-        ax.set_xlabel("gate / nginx, median of per-round ratios (dots: single rounds; "
-                      "thick tick: target)", fontsize=9)
+        ax.set_xlabel("gate / nginx, median of per-round ratios (dots and brackets: single "
+                      "rounds; thick tick: target)", fontsize=9)
         ax.legend(handles=[Patch(color="tab:green", alpha=0.75, label="target met"),
                            Patch(color="tab:red", alpha=0.75, label="target missed"),
                            Patch(color="tab:blue", alpha=0.75, label="gate better (no target)"),
@@ -1109,7 +1130,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
                  f"({result['mode']}, {result['date'][:10]}, {result['settings']['rounds']} "
                  "round(s))", fontsize=10)
     fig_.tight_layout()
-    fig_.savefig(path, dpi=110)
+    fig_.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig_)
 
 

@@ -131,6 +131,20 @@ def response_headers(headers: RawHeaders) -> list[tuple[bytes, bytes]]:
     return strip_hop_by_hop(headers, _RESPONSE_REPLACED)
 
 
+def response_block(headers: RawHeaders, request_id_name: bytes, request_id: bytes
+                   ) -> tuple[bytes, int | None]:
+    """The response header lines for the client, and the upstream's Content-Length.
+
+    The request id replaces any the upstream sent; framing headers are the
+    gate's to write (:mod:`response`).
+    """
+    length = header_value(headers, b"content-length")
+    kept = strip_hop_by_hop(headers, _RESPONSE_REPLACED | {request_id_name.lower()})
+    out = [b"%b: %b\r\n" % pair for pair in kept]
+    out.append(b"%b: %b\r\n" % (request_id_name, request_id))
+    return b"".join(out), None if length is None else int(length)
+
+
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The first value of *name* (lower-case), or None."""
     for n, v in headers:

@@ -34,6 +34,7 @@ from .errors import (
     UpstreamBroken,
     error_body,
 )
+from .response import ProxiedResponse
 from .routing import Action, Router
 from .upstream import Connection, Pool
 
@@ -140,7 +141,7 @@ class ListenerHandler:
                 resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
         except GateError as exc:
             rec.error = exc.log_word
-            if rec.response is not None and rec.response.prepared:
+            if rec.response is not None and rec.response.started:
                 # The response has begun: the only honest signal left is to
                 # close the connection (never a clean short body).
                 request.protocol.force_close()
@@ -148,6 +149,11 @@ class ListenerHandler:
             else:
                 resp = self._error(exc.status, exc.reason, decision.matrix, rid,
                                    close=exc.status in (400, 408, 413))
+        except ConnectionError:
+            # The client went away mid-response: not an error of anyone's.
+            rec.error = "client_gone"
+            request.protocol.force_close()
+            resp = rec.response or web.Response(status=499)
         finally:
             if gen.access.enabled:
                 gen.access.write(request, self.name, client, rec, started, rid, resp)
@@ -254,27 +260,25 @@ class ListenerHandler:
                         continue
                     raise
             rec.upstream_status = status
-            resp = web.StreamResponse(status=status, reason=reason.decode("latin-1") or None)
-            out = resp.headers
-            length_out: bytes | None = None
-            for name, value in hdr.response_headers(up_headers):
-                out.add(name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in up_headers:
-                if name.lower() == b"content-length":
-                    length_out = value
-            out[gen.rid_name.decode()] = rid.decode()
-            if length_out is not None and status not in _NO_BODY_STATUSES:
-                resp.content_length = int(length_out)
+            block, length_out = hdr.response_block(up_headers, gen.rid_name, rid)
+            no_body = method == "HEAD" or status in _NO_BODY_STATUSES
+            resp = ProxiedResponse(status, reason, block, length_out, no_body)
             rec.response = resp
             await resp.prepare(request)
-            if method != "HEAD" and status not in _NO_BODY_STATUSES:
+            if no_body:
+                await resp.write_eof()
+            else:
                 read_body = conn.read_body
-                write = resp.write
                 timeout = gen.read_timeout
-                while data := await read_body(timeout):
+                while True:
+                    data = await read_body(timeout)
                     rec.bytes_out += len(data)
-                    await write(data)
-            await resp.write_eof()
+                    if conn.drained():
+                        # The last piece: sent with the head (when still
+                        # pending) and the end of the body in one write.
+                        await resp.write_eof(data)
+                        break
+                    await resp.write(data)
             body_done = pump is None or pump.done()
             if pump is not None:
                 rec.bytes_in = pump.consumed
@@ -350,7 +354,7 @@ class _Record:
         self.bytes_in = 0
         self.bytes_out = 0
         self.error = ""
-        self.response: web.StreamResponse | None = None
+        self.response: ProxiedResponse | None = None
 
 
 def _health(method: str) -> web.Response:

@@ -111,6 +111,9 @@ class GateServer(web.Server):
 # -- sockets ------------------------------------------------------------------------
 
 SD_LISTEN_FDS_START = 3
+#: Pending connections per listener (capped by net.core.somaxconn). asyncio's
+#: default of 100 overflows when thousands of clients reconnect at once.
+LISTEN_BACKLOG = 4096
 
 
 def systemd_sockets() -> dict[str, socket.socket]:
@@ -165,7 +168,7 @@ def bind_socket(bind: Bind, passed: dict[str, socket.socket]) -> socket.socket:
         except OSError:
             sock.close()
             raise
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -215,7 +218,7 @@ class Gate:
                 gate_server = GateServer(handler, self.cfg)
                 ctx = self.contexts.get(lst.name)
                 srv = await self.loop.create_server(
-                    gate_server, sock=sock, ssl=ctx,
+                    gate_server, sock=sock, ssl=ctx, backlog=LISTEN_BACKLOG,
                     ssl_handshake_timeout=self.cfg.limits.header_timeout if ctx else None)
                 self.handlers[lst.name] = handler
                 self.servers.append((lst, gate_server, srv))

@@ -237,6 +237,10 @@ class Connection(asyncio.Protocol):
                 raise self._exc
             await self._wait(timeout, "upstream stopped sending the response")
 
+    def drained(self) -> bool:
+        """The response is complete and every body byte has been handed out."""
+        return self.complete and not self._chunks
+
     def finish(self, reusable: bool) -> None:
         """End the exchange: back to the pool if the response was read whole and
         both sides keep the connection alive, closed otherwise."""
