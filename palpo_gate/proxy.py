@@ -5,7 +5,7 @@ This module is the IO shell around the pure core. For each request it asks
 ``.well-known``, errors), and for forwarded requests builds the head with
 :mod:`headers`, streams the body both ways through an :mod:`upstream`
 connection, and enforces the body limits. Every failure goes through the one
-``except GateError`` funnel in :meth:`ListenerHandler.__call__`.
+``except GateError`` funnel in :meth:`ListenerHandler._forward`.
 
 Shared state lives in :class:`Generation` (one config, its pool, its
 documents); per-listener state in :class:`ListenerHandler`; per-request
@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -96,68 +97,50 @@ class ListenerHandler:
             host = f"[{host}]" if ":" in host else host
             self.fallback_host = f"{host}:{self.port}".encode()
 
-    # -- the funnel -------------------------------------------------------------
+    # -- dispatch ---------------------------------------------------------------
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        gen = self.gen
-        started = time.monotonic()
-        target = request.raw_path
+    def __call__(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        """Decide, then return the coroutine that answers: a plain function, so
+        that a forwarded request runs one coroutine frame deep."""
         method = request.method
+        target = request.raw_path
         decision = self.router.decide(method, target)
         action = decision.action
         if action is Action.HEALTH:
-            return _health(method)
-
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        client = peer[0] if isinstance(peer, tuple) else "unix:"
-        raw_headers = request.raw_headers
-        rid = hdr.header_value(raw_headers, gen.rid_lower)
+            return _ready(_health(method))
+        gen = self.gen
+        protocol = request.protocol
+        client = getattr(protocol, "client_addr", None)
+        if client is None:
+            client = _client_addr(request)
+        rid = hdr.header_value(request.raw_headers, gen.rid_lower)
         if not hdr.sane_request_id(rid):
             rid = hdr.new_request_id()
         assert rid is not None
-        rec = _Record()
-        resp: web.StreamResponse | None = None
-        try:
-            if self.hosts is not None and not self._host_allowed(request):
-                resp = self._error(421, "this server does not answer for that host",
-                                   decision.matrix, rid)
-            elif action is Action.FORWARD or (
-                    action is Action.ADMIN and _in(client, gen.allow_admin)):
-                resp = await self._forward(request, method, target, raw_headers, client, rid, rec)
-            elif action is Action.ADMIN:
-                resp = self._error(403, "the admin API is not reachable through this gateway",
-                                   True, rid)
-            elif action is Action.WELL_KNOWN_SERVER or action is Action.WELL_KNOWN_CLIENT:
-                resp = self._well_known(method, action, rid)
-            elif action is Action.BAD_REQUEST:
-                resp = self._error(400, f"bad request target: {decision.reason}",
-                                   decision.matrix, rid, close=True)
-            elif action is Action.METHOD_NOT_ALLOWED:
-                resp = self._error(405, decision.reason, decision.matrix, rid)
-            elif action is Action.OPTIONS_ASTERISK:
-                resp = web.Response(status=200, headers={
-                    "Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS"})
-            else:
-                resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
-        except GateError as exc:
-            rec.error = exc.log_word
-            if rec.response is not None and rec.response.started:
-                # The response has begun: the only honest signal left is to
-                # close the connection (never a clean short body).
-                request.protocol.force_close()
-                resp = rec.response
-            else:
-                resp = self._error(exc.status, exc.reason, decision.matrix, rid,
-                                   close=exc.status in (400, 408, 413))
-        except ConnectionError:
-            # The client went away mid-response: not an error of anyone's.
-            rec.error = "client_gone"
-            request.protocol.force_close()
-            resp = rec.response or web.Response(status=499)
-        finally:
-            if gen.access.enabled:
-                gen.access.write(request, self.name, client, rec, started, rid, resp)
-        return resp
+        if self.hosts is not None and not self._host_allowed(request):
+            resp = self._error(421, "this server does not answer for that host",
+                               decision.matrix, rid)
+        elif action is Action.FORWARD or (
+                action is Action.ADMIN and _in(client, gen.allow_admin)):
+            return self._forward(request, method, target, decision.matrix, client, rid)
+        elif action is Action.ADMIN:
+            resp = self._error(403, "the admin API is not reachable through this gateway",
+                               True, rid)
+        elif action is Action.WELL_KNOWN_SERVER or action is Action.WELL_KNOWN_CLIENT:
+            resp = self._well_known(method, action, rid)
+        elif action is Action.BAD_REQUEST:
+            resp = self._error(400, f"bad request target: {decision.reason}",
+                               decision.matrix, rid, close=True)
+        elif action is Action.METHOD_NOT_ALLOWED:
+            resp = self._error(405, decision.reason, decision.matrix, rid)
+        elif action is Action.OPTIONS_ASTERISK:
+            resp = web.Response(status=200, headers={
+                "Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS"})
+        else:
+            resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
+        if gen.access.enabled:
+            gen.access.write(request, self.name, client, _Record(), time.monotonic(), rid, resp)
+        return _ready(resp)
 
     # -- local answers -------------------------------------------------------------
 
@@ -200,52 +183,28 @@ class ListenerHandler:
     # -- forwarding -------------------------------------------------------------------
 
     async def _forward(self, request: web.BaseRequest, method: str, target: str,
-                       raw_headers: Any, client: str, rid: bytes, rec: _Record
-                       ) -> web.StreamResponse:
+                       matrix: bool, client: str, rid: bytes) -> web.StreamResponse:
+        """Forward one request; the one funnel from failures to responses."""
         gen = self.gen
-        limits = gen.limits
-        # Framing (RFC 9112 section 6.1): the C parser already refused CL+TE,
-        # repeated TE and bad chunk sizes; a coding other than chunked is ours.
-        te = request.headers.get("Transfer-Encoding")
-        chunked = te is not None
-        if chunked and te.strip().lower() != "chunked":  # type: ignore[union-attr]
-            raise BadRequestBody("only Transfer-Encoding: chunked is accepted")
-        length = request.content_length
-        if length is not None and length > limits.max_body_size:
-            raise BodyTooLarge(f"request body over the limit of {limits.max_body_size} bytes")
-        if chunked:
-            framing = b"Transfer-Encoding: chunked"
-        elif length is not None:
-            framing = b"Content-Length: %d" % length
-        else:
-            framing = b""
-        has_body = chunked or bool(length)
-        if has_body and request.version >= (1, 1):
-            expect = request.headers.get("Expect")
-            if expect is not None and expect.lower() == "100-continue":
-                # web.Server never answers Expect itself; the size check above
-                # has passed, so invite the body now (RFC 9110 section 10.1.1).
-                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
-
-        head = hdr.build_request_head(
-            method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
-            client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
-            host=hdr.host_with_port(hdr.header_value(raw_headers, b"host"), self.port,
-                                    self.fallback_host),
-            request_id_name=gen.rid_name, request_id=rid, framing=framing)
-
+        started = time.monotonic() if gen.access.enabled else 0.0
+        rec = _Record()
+        resp: web.StreamResponse | None = None
         pump: _BodyPump | None = None
         conn: Connection | None = None
         try:
+            head, has_body, chunked = self._request_head(request, method, target, client, rid)
+            limits = gen.limits
+            read_timeout = gen.read_timeout
             for attempt in (0, 1):
                 conn = await (gen.pool.acquire() if attempt == 0 else gen.pool.connect())
                 conn.begin(head_only=method == "HEAD")
                 conn.write(head)
                 if has_body:
                     pump = _BodyPump(request, conn, chunked, limits.max_body_size,
-                                     limits.body_timeout, gen.read_timeout)
+                                     limits.body_timeout, read_timeout)
                 try:
-                    status, reason, up_headers = await conn.read_head(gen.read_timeout)
+                    while (fut := conn.wait_head(read_timeout)) is not None:
+                        await fut
                     break
                 except UpstreamBroken:
                     # A pooled connection the upstream closed while idle: retry
@@ -259,38 +218,94 @@ class ListenerHandler:
                         conn.finish(reusable=False)
                         continue
                     raise
+            status, reason, up_headers = conn.head()
             rec.upstream_status = status
             block, length_out = hdr.response_block(up_headers, gen.rid_name, rid)
             no_body = method == "HEAD" or status in _NO_BODY_STATUSES
-            resp = ProxiedResponse(status, reason, block, length_out, no_body)
-            rec.response = resp
-            await resp.prepare(request)
+            out = rec.response = ProxiedResponse(status, reason, block, length_out, no_body)
+            out.start(request)
             if no_body:
-                await resp.write_eof()
+                out.send(b"", last=True)
             else:
-                read_body = conn.read_body
-                timeout = gen.read_timeout
                 while True:
-                    data = await read_body(timeout)
+                    data = conn.take()
+                    if not data and (fut := conn.wait_body(read_timeout)) is not None:
+                        await fut
+                        continue
                     rec.bytes_out += len(data)
-                    if conn.drained():
-                        # The last piece: sent with the head (when still
-                        # pending) and the end of the body in one write.
-                        await resp.write_eof(data)
+                    # The last piece goes with the head (when still pending)
+                    # and the end of the body in one write.
+                    last = conn.drained()
+                    if out.send(data, last):
+                        await out.drain()
+                    if last:
                         break
-                    await resp.write(data)
-            body_done = pump is None or pump.done()
-            if pump is not None:
-                rec.bytes_in = pump.consumed
-            conn.finish(reusable=body_done)
+            conn.finish(reusable=pump is None or pump.done())
             conn = None
-            return resp
+            resp = out
+        except GateError as exc:
+            rec.error = exc.log_word
+            if rec.response is not None and rec.response.started:
+                # The response has begun: the only honest signal left is to
+                # close the connection (never a clean short body).
+                request.protocol.force_close()
+                resp = rec.response
+            else:
+                resp = self._error(exc.status, exc.reason, matrix, rid,
+                                   close=exc.status in (400, 408, 413))
+        except ConnectionError:
+            # The client went away mid-response: not an error of anyone's.
+            rec.error = "client_gone"
+            request.protocol.force_close()
+            resp = rec.response or web.Response(status=499)
         finally:
             if pump is not None:
                 rec.bytes_in = pump.consumed
                 pump.cancel()
             if conn is not None:
                 conn.finish(reusable=False)
+            if gen.access.enabled:
+                gen.access.write(request, self.name, client, rec, started, rid, resp)
+        return resp
+
+    def _request_head(self, request: web.BaseRequest, method: str, target: str, client: str,
+                      rid: bytes) -> tuple[bytes, bool, bool]:
+        """The head to send upstream, whether a body follows, whether it is chunked.
+
+        Raises the 400 / 413 of a body the gate will not take (SPEC section 3, 5).
+        """
+        gen = self.gen
+        raw_headers = request.raw_headers
+        # Framing (RFC 9112 section 6.1): the C parser already refused CL+TE,
+        # repeated TE and bad chunk sizes; a coding other than chunked is ours.
+        te = request.headers.get("Transfer-Encoding")
+        chunked = te is not None
+        if chunked and te.strip().lower() != "chunked":  # type: ignore[union-attr]
+            raise BadRequestBody("only Transfer-Encoding: chunked is accepted")
+        length = request.content_length
+        limit = gen.limits.max_body_size
+        if length is not None and length > limit:
+            raise BodyTooLarge(f"request body over the limit of {limit} bytes")
+        if chunked:
+            framing = b"Transfer-Encoding: chunked"
+        elif length is not None:
+            framing = b"Content-Length: %d" % length
+        else:
+            framing = b""
+        has_body = chunked or bool(length)
+        if has_body and request.version >= (1, 1):
+            expect = request.headers.get("Expect")
+            if expect is not None and expect.lower() == "100-continue":
+                # web.Server never answers Expect itself; the size check above
+                # has passed, so invite the body now (RFC 9110 section 10.1.1).
+                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
+        head = hdr.build_request_head(
+            method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
+            client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
+            host=hdr.host_with_port(hdr.header_value(raw_headers, b"host"), self.port,
+                                    self.fallback_host),
+            request_id_name=gen.rid_name, request_id=rid, framing=framing)
+        return head, has_body, chunked
 
 
 class _BodyPump:
@@ -355,6 +370,17 @@ class _Record:
         self.bytes_out = 0
         self.error = ""
         self.response: ProxiedResponse | None = None
+
+
+async def _ready(resp: web.StreamResponse) -> web.StreamResponse:
+    return resp
+
+
+def _client_addr(request: web.BaseRequest) -> str:
+    """The client's IP address as text; "unix:" on a UNIX socket (as nginx)."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) else "unix:"
 
 
 def _health(method: str) -> web.Response:

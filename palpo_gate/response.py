@@ -14,6 +14,8 @@ read its keep-alive decision as for any other response.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 #: Flush to the client and wait for it once this much is buffered (backpressure).
@@ -39,17 +41,19 @@ class ProxiedResponse(web.StreamResponse):
         self._chunked_out = False
         self._pending: bytes | None = None
         self._sent = 0
+        self._drain_writer: Any = None
 
     @property
     def started(self) -> bool:
         """True once any byte of this response went to the client."""
         return self._sent > 0
 
-    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+    def start(self, request: web.BaseRequest) -> None:
+        """Decide the framing and build the head (sent with the first body bytes)."""
         if self._eof_sent or self._payload_writer is not None:
             return
         self._req = request
-        self._payload_writer = request._payload_writer
+        self._payload_writer = self._drain_writer = request._payload_writer
         version = request.version
         keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
         lines = [b"HTTP/%d.%d %d %s\r\n" % (version[0], version[1], self.status,
@@ -75,7 +79,14 @@ class ProxiedResponse(web.StreamResponse):
         self._keep_alive = keep_alive
         self._pending = b"".join(lines)
 
-    def _frame(self, data: bytes, last: bool) -> bytes:
+    def send(self, data: bytes, last: bool = False) -> bool:
+        """Frame and write *data* (and the end of the body if *last*).
+
+        Returns True when the client is behind and the caller should
+        ``await drain()`` before sending more.
+        """
+        if self._eof_sent:
+            return False
         if self._chunked_out:
             if data:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
@@ -84,31 +95,37 @@ class ProxiedResponse(web.StreamResponse):
         if self._pending is not None:
             data = self._pending + data
             self._pending = None
-        return data
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        await self._send(self._frame(bytes(data), False))
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        if self._eof_sent:
-            return
-        payload = self._frame(data, True)
-        self._eof_sent = True
-        self._body_length = self._sent
-        if payload:
-            await self._send(payload)
-        self._payload_writer = None
-        self._req = None
-
-    async def _send(self, payload: bytes) -> None:
         request = self._req
+        writer = self._payload_writer
+        if last:
+            self._eof_sent = True
+            self._req = None
+            self._payload_writer = None
+        if not data:
+            return False
         transport = request.transport if request is not None else None
         if transport is None or transport.is_closing():
             raise _gone()
-        transport.write(payload)
-        self._sent += len(payload)
-        writer = self._payload_writer
+        transport.write(data)
+        self._sent += len(data)
+        self._body_length = self._sent
         if writer is not None:
-            writer.output_size += len(payload)
-            if transport.get_write_buffer_size() > _HIGH_WATER:
-                await writer.drain()
+            writer.output_size += len(data)
+        return transport.get_write_buffer_size() > _HIGH_WATER
+
+    async def drain(self) -> None:  # type: ignore[override]
+        """Wait until the client has taken what was written (backpressure)."""
+        await self._drain_writer.drain()
+
+    # -- the StreamResponse interface, for aiohttp's connection loop ------------
+
+    async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+        self.start(request)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        writer = self._payload_writer
+        if self.send(bytes(data)) and writer is not None:
+            await writer.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self.send(data, last=True)

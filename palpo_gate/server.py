@@ -46,6 +46,13 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         super().__init__(manager, **kwargs)
         self._head_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
+        self.client_addr = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Once per connection rather than per request: the X-Forwarded-For value.
+        peer = transport.get_extra_info("peername")
+        self.client_addr = str(peer[0]) if isinstance(peer, tuple) else "unix:"
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -65,6 +65,7 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._body_until_close = False
 
     # -- asyncio.Protocol ---------------------------------------------------
@@ -200,42 +201,68 @@ class Connection(asyncio.Protocol):
         if not fut.done():
             fut.set_exception(UpstreamTimeout(why))
 
-    async def _wait(self, timeout: float, why: str) -> None:
+    def _arm(self, timeout: float, why: str) -> asyncio.Future[None]:
+        """A future woken by the next event on this connection, or failed with
+        UpstreamTimeout after *timeout* seconds. Awaited directly by the proxy:
+        no coroutine frame between the handler and the event."""
         fut = self._waiter = self._loop.create_future()
-        handle = self._loop.call_later(timeout, self._timeout, fut, why)
-        try:
-            await fut
-        finally:
-            handle.cancel()
-            self._waiter = None
+        self._timer = self._loop.call_later(timeout, self._timeout, fut, why)
+        return fut
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waiter = None
+
+    def wait_head(self, timeout: float) -> asyncio.Future[None] | None:
+        """None once the response head is here; else a future to await first."""
+        self._disarm()
+        if self._head_ready:
+            return None
+        if self._exc is not None:
+            raise self._exc
+        return self._arm(timeout, "upstream did not answer in time")
+
+    def head(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        return self.status, bytes(self._reason), self.headers
+
+    def take(self) -> bytes:
+        """The response body buffered so far (b"" if none); raises the
+        exchange's error once nothing is left to hand out."""
+        self._disarm()
+        chunks = self._chunks
+        if not chunks:
+            if self._exc is not None and not self.complete:
+                raise self._exc
+            return b""
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def wait_body(self, timeout: float) -> asyncio.Future[None] | None:
+        """None if body bytes or the end are here; else a future to await."""
+        if self._chunks or self.complete:
+            return None
+        if self._exc is not None:
+            raise self._exc
+        return self._arm(timeout, "upstream stopped sending the response")
 
     async def read_head(self, timeout: float) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """Wait for the response head: (status, reason, raw headers)."""
-        while not self._head_ready:
-            if self._exc is not None:
-                raise self._exc
-            await self._wait(timeout, "upstream did not answer in time")
-        return self.status, bytes(self._reason), self.headers
+        while (fut := self.wait_head(timeout)) is not None:
+            await fut
+        return self.head()
 
     async def read_body(self, timeout: float) -> bytes:
         """The next piece of the response body; b"" at its end."""
-        while True:
-            if self._chunks:
-                if len(self._chunks) == 1:
-                    data = self._chunks.popleft()
-                else:
-                    data = b"".join(self._chunks)
-                    self._chunks.clear()
-                self._buffered = 0
-                if self._read_paused and self.transport is not None:
-                    self._read_paused = False
-                    self.transport.resume_reading()
-                return data
-            if self.complete:
-                return b""
-            if self._exc is not None:
-                raise self._exc
-            await self._wait(timeout, "upstream stopped sending the response")
+        while not (data := self.take()) and (fut := self.wait_body(timeout)) is not None:
+            await fut
+        return data
 
     def drained(self) -> bool:
         """The response is complete and every body byte has been handed out."""
@@ -245,6 +272,7 @@ class Connection(asyncio.Protocol):
         """End the exchange: back to the pool if the response was read whole and
         both sides keep the connection alive, closed otherwise."""
         self._in_exchange = False
+        self._disarm()
         if (reusable and self.complete and self._keep_alive and not self._head_only
                 and not self.closed and self._exc is None):
             self._reset_exchange(False)
@@ -254,6 +282,7 @@ class Connection(asyncio.Protocol):
 
     def _close(self, abort: bool = False) -> None:
         self._in_exchange = False
+        self._disarm()
         if self.transport is not None and not self.closed:
             self.closed = True
             if abort:
