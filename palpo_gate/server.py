@@ -42,6 +42,8 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
     ``limits.header_timeout`` from its first byte.
     """
 
+    __slots__ = ("_head_timeout", "_head_timer", "client_addr")
+
     def __init__(self, manager: Any, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout = header_timeout

@@ -20,9 +20,7 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import collections
-import socket
-from typing import Any
+import math
 
 import httptools
 
@@ -38,11 +36,21 @@ _LOW_WATER = 64 * 1024
 class Connection(asyncio.Protocol):
     """One upstream connection; carries one exchange at a time."""
 
+    # Slots: thousands of these are held during long-polls.
+    __slots__ = (
+        "_body_until_close", "_buffered", "_chunks", "_drain_waiter", "_exc", "_head_only",
+        "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_parser", "_pool",
+        "_read_paused", "_reason", "_timer_key", "_waiter", "_write_paused", "closed", "complete",
+        "got_bytes", "headers", "reused", "status", "transport",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        # Made at the first response byte: a held long-poll has none yet, and
+        # a parser costs about 1 KiB.
+        self._parser: httptools.HttpResponseParser | None = None
         self.closed = False
         #: True when this connection served an earlier exchange (came from the pool)
         self.reused = False
@@ -58,14 +66,14 @@ class Connection(asyncio.Protocol):
         self._reason = bytearray()
         self.headers: list[tuple[bytes, bytes]] = []
         self._head_ready = False
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: list[bytes] = []  # a list: an empty deque costs 760 bytes
         self._buffered = 0
         self._read_paused = False
         self.complete = False
         self._keep_alive = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer_key = 0
         self._body_until_close = False
 
     # -- asyncio.Protocol ---------------------------------------------------
@@ -81,8 +89,16 @@ class Connection(asyncio.Protocol):
         self.got_bytes = True
         if self.complete:
             return  # bytes after a HEAD response's head: the connection is closed after
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpResponseParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols: the gate never forwards Upgrade, so an
+            # upstream that switches anyway is out of step.
+            self._fail(UpstreamBroken("upstream switched protocols unasked"))
+            self._close()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"invalid response from upstream: {exc}"))
             self._close()
@@ -126,9 +142,12 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            return  # interim response (100, 103): not forwarded; wait for the final one
+        if status < 200:
+            # Interim (100, 103): not forwarded; wait for the final response.
+            # 101 is never asked for (Upgrade is not forwarded): data_received fails it.
+            return
         self.status = status
         self._head_ready = True
         if self._head_only:
@@ -150,6 +169,7 @@ class Connection(asyncio.Protocol):
         if not self._head_ready:
             return  # end of an interim response
         # Read it here: httptools forgets it once feed_data() returns.
+        assert self._parser is not None
         self._keep_alive = self._parser.should_keep_alive()
         self.complete = True
         self._wake()
@@ -188,31 +208,27 @@ class Connection(asyncio.Protocol):
             raise self._exc
         if not self._write_paused:
             return
-        self._drain_waiter = self._loop.create_future()
-        handle = self._loop.call_later(timeout, self._timeout, self._drain_waiter,
-                                       "upstream did not read the request body in time")
+        fut = self._drain_waiter = self._loop.create_future()
+        deadlines = self._pool.deadlines
+        key = deadlines.add(fut, timeout, "upstream did not read the request body in time")
         try:
-            await self._drain_waiter
+            await fut
         finally:
-            handle.cancel()
+            deadlines.remove(key, fut)
             self._drain_waiter = None
-
-    def _timeout(self, fut: asyncio.Future[None], why: str) -> None:
-        if not fut.done():
-            fut.set_exception(UpstreamTimeout(why))
 
     def _arm(self, timeout: float, why: str) -> asyncio.Future[None]:
         """A future woken by the next event on this connection, or failed with
         UpstreamTimeout after *timeout* seconds. Awaited directly by the proxy:
         no coroutine frame between the handler and the event."""
         fut = self._waiter = self._loop.create_future()
-        self._timer = self._loop.call_later(timeout, self._timeout, fut, why)
+        self._timer_key = self._pool.deadlines.add(fut, timeout, why)
         return fut
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._timer_key:
+            self._pool.deadlines.remove(self._timer_key, self._waiter)
+            self._timer_key = 0
         self._waiter = None
 
     def wait_head(self, timeout: float) -> asyncio.Future[None] | None:
@@ -236,7 +252,7 @@ class Connection(asyncio.Protocol):
             if self._exc is not None and not self.complete:
                 raise self._exc
             return b""
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
         if self._read_paused and self.transport is not None:
@@ -292,12 +308,48 @@ class Connection(asyncio.Protocol):
         self._pool._discard(self)
 
 
+class Deadlines:
+    """Timeouts for many waits at the cost of one timer per tick.
+
+    Every wait for upstream bytes has a deadline; with thousands of held
+    long-polls a TimerHandle each (about 670 bytes) adds up. Deadlines are
+    rounded up to the next tick of :attr:`TICK` seconds and kept in one dict
+    per tick; a wait that ends removes its entry.
+    """
+
+    TICK = 0.1
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._ticks: dict[int, dict[asyncio.Future[None], str]] = {}
+
+    def add(self, fut: asyncio.Future[None], timeout: float, why: str) -> int:
+        key = math.ceil((self._loop.time() + timeout) / self.TICK)
+        waits = self._ticks.get(key)
+        if waits is None:
+            waits = self._ticks[key] = {}
+            self._loop.call_at(key * self.TICK, self._expire, key)
+        waits[fut] = why
+        return key
+
+    def remove(self, key: int, fut: asyncio.Future[None] | None) -> None:
+        waits = self._ticks.get(key)
+        if waits is not None and fut is not None:
+            waits.pop(fut, None)
+
+    def _expire(self, key: int) -> None:
+        for fut, why in self._ticks.pop(key, {}).items():
+            if not fut.done():
+                fut.set_exception(UpstreamTimeout(why))
+
+
 class Pool:
     """Idle keep-alive connections to one upstream, newest first."""
 
     def __init__(self, cfg: Upstream, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.cfg = cfg
         self.loop = loop or asyncio.get_running_loop()
+        self.deadlines = Deadlines(self.loop)
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
         path = cfg.path
@@ -336,9 +388,6 @@ class Pool:
         except OSError as exc:
             raise UpstreamUnavailable(
                 f"upstream {cfg.url} unreachable: {exc.strerror or exc}") from None
-        sock: Any = conn.transport.get_extra_info("socket") if conn.transport else None
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._all.add(conn)
         return conn
 
