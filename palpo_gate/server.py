@@ -63,6 +63,11 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         if self._request_in_progress and self._messages:
             self._fail_body_on_parse_error()
         if self._request_in_progress or self._messages:
+            if self._keepalive_handle is not None:
+                # aiohttp re-arms it after the response; a held long-poll
+                # need not keep a timer (~600 B) meanwhile.
+                self._keepalive_handle.cancel()
+                self._keepalive_handle = None
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
