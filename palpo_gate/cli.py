@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(configmod.dump(cfg))
         print(f"palpo-gate: configuration {cfg.source} is valid", file=sys.stderr)
         return 0
-    return run(cfg, C_PARSER)
+    return run(cfg, C_PARSER, path)
 
 
-def run(cfg: configmod.Config, c_parser: bool) -> int:
+def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
     logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     setup_access_logger()
@@ -69,7 +69,7 @@ def run(cfg: configmod.Config, c_parser: bool) -> int:
                   "binary wheel for this platform); refusing to run with the pure-Python "
                   "parser, which has let request-smuggling vectors through")
         return 1
-    from .server import serve
+    from .run import serve
 
     try:
         import uvloop
@@ -78,7 +78,7 @@ def run(cfg: configmod.Config, c_parser: bool) -> int:
     else:
         runner = uvloop.run
     try:
-        return runner(serve(cfg))
+        return runner(serve(cfg, path))
     except configmod.ConfigError as exc:
         return _fail_config(exc)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled in serve()

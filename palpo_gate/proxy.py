@@ -88,6 +88,9 @@ class ListenerHandler:
         #: the port added to a Host without one; set once the socket is bound
         self.port = listener.bind.port if listener.bind.kind == "tcp" else 0
         self.fallback_host = b"localhost"
+        #: set on reload: this listener's connections finish on this generation,
+        #: each response announcing ``Connection: close``
+        self.retired = False
 
     def bound(self, sockname: Any) -> None:
         """Record the address the listener socket really got (port 0 → a real port)."""
@@ -107,7 +110,10 @@ class ListenerHandler:
         decision = self.router.decide(method, target)
         action = decision.action
         if action is Action.HEALTH:
-            return _ready(_health(method))
+            resp = _health(method)
+            if self.retired:
+                resp.force_close()
+            return _ready(resp)
         gen = self.gen
         protocol = request.protocol
         client = getattr(protocol, "client_addr", None)
@@ -138,6 +144,8 @@ class ListenerHandler:
                 "Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS"})
         else:
             resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
+        if self.retired:
+            resp.force_close()
         if gen.access.enabled:
             gen.access.write(request, self.name, client, _Record(), time.monotonic(), rid, resp)
         return _ready(resp)
@@ -223,6 +231,8 @@ class ListenerHandler:
             block, length_out = hdr.response_block(up_headers, gen.rid_name, rid)
             no_body = method == "HEAD" or status in _NO_BODY_STATUSES
             out = rec.response = ProxiedResponse(status, reason, block, length_out, no_body)
+            if self.retired:
+                out.force_close()
             out.start(request)
             if no_body:
                 out.send(b"", last=True)

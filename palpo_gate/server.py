@@ -3,8 +3,12 @@
 This module owns the sockets the gate listens on (TCP, UNIX, systemd-passed),
 the aiohttp low-level server of each listener with the connection limits of
 SPEC section 5 (header timeout, idle keep-alive, line and header sizes), and
-the run loop: bind everything, serve, and on SIGTERM / SIGINT stop accepting
-and drain in-flight requests for ``server.drain_timeout``.
+and the graceful stop: stop accepting, drain in-flight requests.
+
+Reload: a new config becomes a new :class:`proxy.Generation`; each listening
+socket whose bind is unchanged is kept and only the factory for its new
+connections is swapped. Open connections finish on the generation they began
+with. The process lifecycle (signals, systemd) is :mod:`run`'s.
 
 The request itself is :mod:`proxy`'s business; nothing here looks at one.
 """
@@ -15,10 +19,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import ssl
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
@@ -105,7 +109,8 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
 
 class GateServer(web.Server):
     """``web.Server`` (no router: the router matches decoded paths) making
-    :class:`_HeadTimeoutProtocol` connections."""
+    :class:`_HeadTimeoutProtocol` connections for one listener of one
+    generation."""
 
     def __init__(self, handler: ListenerHandler, cfg: Config) -> None:
         super().__init__(
@@ -115,11 +120,32 @@ class GateServer(web.Server):
             keepalive_timeout=cfg.limits.idle_timeout,
             access_log=None,
         )
+        self.handler = handler
         self._header_timeout = cfg.limits.header_timeout
+        #: called once a retired server has no connection left
+        self.on_empty: Callable[[GateServer], None] | None = None
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
                                     **self._kwargs)
+
+    def connection_lost(self, handler: web_protocol.RequestHandler,
+                        exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if self.on_empty is not None and not self._connections:
+            self.on_empty(self)
+
+    def retire(self, on_empty: Callable[[GateServer], None]) -> None:
+        """Serve no new connection; let open ones finish their requests.
+
+        Their next responses carry ``Connection: close`` (announced, so no
+        client races a close), idle ones end at the idle timeout; *on_empty*
+        runs when the last one is gone.
+        """
+        self.handler.retired = True
+        self.on_empty = on_empty
+        if not self._connections:
+            on_empty(self)
 
 
 # -- sockets ------------------------------------------------------------------------
@@ -147,8 +173,13 @@ def systemd_sockets() -> dict[str, socket.socket]:
     return out
 
 
-def bind_socket(bind: Bind, passed: dict[str, socket.socket]) -> socket.socket:
-    """A listening socket for *bind*; raises OSError with a readable message."""
+def bind_socket(bind: Bind, passed: dict[str, socket.socket], *,
+                reuse_port: bool = False) -> socket.socket:
+    """A listening socket for *bind*; raises OSError with a readable message.
+
+    *passed* holds sockets bound elsewhere (systemd, or the supervisor for
+    UNIX sockets shared by workers), by name or ``unix:`` path.
+    """
     if bind.kind == "systemd":
         sock = passed.get(bind.path)
         if sock is None:
@@ -157,6 +188,10 @@ def bind_socket(bind: Bind, passed: dict[str, socket.socket]) -> socket.socket:
         sock.setblocking(False)
         return sock
     if bind.kind == "unix":
+        inherited = passed.get(str(bind))
+        if inherited is not None:
+            inherited.setblocking(False)
+            return inherited
         path = "\0" + bind.path[1:] if bind.path.startswith("@") else bind.path
         if not bind.path.startswith("@"):
             with contextlib.suppress(FileNotFoundError):
@@ -175,6 +210,9 @@ def bind_socket(bind: Bind, passed: dict[str, socket.socket]) -> socket.socket:
         sock = socket.socket(family, type_, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                # workers: one socket per process, the kernel spreads connections
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # "[::]:443" next to "0.0.0.0:443", as nginx's ipv6only=on.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -187,9 +225,9 @@ def bind_socket(bind: Bind, passed: dict[str, socket.socket]) -> socket.socket:
     return sock
 
 
-def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
-    """Every listener's SSL context, built at load; errors name the key path."""
-    out: dict[str, ssl.SSLContext] = {}
+def cert_sets(cfg: Config) -> dict[str, tlsmod.CertSet]:
+    """Every TLS listener's certificates, loaded; errors name the key path."""
+    out: dict[str, tlsmod.CertSet] = {}
     errors: list[str] = []
     for i, lst in enumerate(cfg.listeners):
         if lst.tls is not None:
@@ -202,75 +240,212 @@ def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
     return out
 
 
+def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
+    """The default SSL context of every TLS listener (validates certificates)."""
+    return {name: certs.default for name, certs in cert_sets(cfg).items()}
+
+
 # -- the running gate ----------------------------------------------------------------
 
 
-class Gate:
-    """A running gate: its listeners, servers and the generation they serve."""
+def _slot_key(lst: Listener) -> tuple[str, bool]:
+    """Listeners with equal keys can share a listening socket across a reload."""
+    return str(lst.bind), lst.tls is not None
 
-    def __init__(self, cfg: Config) -> None:
+
+class _Slot:
+    """One listening socket and its asyncio server. It outlives config
+    generations while its key is unchanged: a reload swaps what new
+    connections get, not the socket (no refused connections)."""
+
+    def __init__(self, key: tuple[str, bool], sock: socket.socket) -> None:
+        self.key = key
+        self.sock = sock
+        self.listener: Listener | None = None
+        self.gate_server: GateServer | None = None
+        self.certs: tlsmod.CertSet | None = None
+        self.context: ssl.SSLContext | None = None
+        self.server: asyncio.AbstractServer | None = None
+
+    def new_connection(self) -> web_protocol.RequestHandler:
+        assert self.gate_server is not None
+        return self.gate_server()
+
+    def current_certs(self) -> tlsmod.CertSet:
+        assert self.certs is not None
+        return self.certs
+
+
+class Gate:
+    """A running gate: its listening sockets and the generation they serve.
+
+    A reload builds a new :class:`Generation` and swaps one reference per
+    listener; connections already open stay on the generation they started
+    with until they end.
+    """
+
+    def __init__(self, cfg: Config, *, passed: dict[str, socket.socket] | None = None,
+                 reuse_port: bool = False) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self.contexts = ssl_contexts(cfg)
+        self._certs = cert_sets(cfg)
+        self.generation = 1
         self.gen = Generation(cfg, self.loop)
-        self.handlers: dict[str, ListenerHandler] = {}
-        self.servers: list[tuple[Listener, GateServer, asyncio.AbstractServer]] = []
-        self.stopping = asyncio.Event()
+        self._passed = passed if passed is not None else systemd_sockets()
+        self._reuse_port = reuse_port
+        self._slots: dict[str, _Slot] = {}  # by listener name
+        self._retired: set[GateServer] = set()
+        self._draining_gens: dict[Generation, set[GateServer]] = {}
+        self._lock = asyncio.Lock()
+
+    # -- views used by tests and the run loop
+
+    @property
+    def servers(self) -> list[tuple[Listener, GateServer, asyncio.AbstractServer]]:
+        return [(s.listener, s.gate_server, s.server) for s in self._slots.values()
+                if s.listener and s.gate_server and s.server]
+
+    @property
+    def contexts(self) -> dict[str, ssl.SSLContext]:
+        return {name: s.context for name, s in self._slots.items() if s.context is not None}
+
+    def addresses(self) -> dict[str, Any]:
+        return {name: s.sock.getsockname() for name, s in self._slots.items()}
+
+    # -- start, reload, close
 
     async def start(self) -> None:
-        passed = systemd_sockets()
         try:
-            for i, lst in enumerate(self.cfg.listeners):
-                try:
-                    sock = bind_socket(lst.bind, passed)
-                except OSError as exc:
-                    raise ConfigError(
-                        [f"listeners[{i}].bind: cannot listen on {lst.bind}: "
-                         f"{exc.strerror or exc}"]) from None
-                handler = ListenerHandler(self.gen, lst)
-                handler.bound(sock.getsockname())
-                gate_server = GateServer(handler, self.cfg)
-                ctx = self.contexts.get(lst.name)
-                srv = await self.loop.create_server(
-                    gate_server, sock=sock, ssl=ctx, backlog=LISTEN_BACKLOG,
-                    ssl_handshake_timeout=self.cfg.limits.header_timeout if ctx else None)
-                self.handlers[lst.name] = handler
-                self.servers.append((lst, gate_server, srv))
-                log.info("listener %s on %s (%s%s)", lst.name, _where(sock, lst), lst.role,
-                         ", TLS" if lst.tls else "")
+            slots = self._open_slots(self.cfg, {})
+            await self._commit(self.cfg, self.gen, self._certs, slots)
         except BaseException:
             await self.close(0)
             raise
+        for name, slot in self._slots.items():
+            assert slot.listener is not None
+            log.info("listener %s on %s (%s%s)", name, _where(slot.sock, slot.listener),
+                     slot.listener.role, ", TLS" if slot.listener.tls else "")
 
-    def addresses(self) -> dict[str, Any]:
-        return {lst.name: srv.sockets[0].getsockname() for lst, _, srv in self.servers}
+    def _open_slots(self, cfg: Config, reusable: dict[tuple[str, bool], _Slot]
+                    ) -> dict[str, _Slot]:
+        """A slot per listener of *cfg*: reused when its key is unchanged, else
+        newly bound. Raises ConfigError (closing what it bound) if a bind fails."""
+        slots: dict[str, _Slot] = {}
+        fresh: list[_Slot] = []
+        try:
+            for i, lst in enumerate(cfg.listeners):
+                key = _slot_key(lst)
+                slot = reusable.pop(key, None)
+                if slot is None:
+                    try:
+                        sock = bind_socket(lst.bind, self._passed, reuse_port=self._reuse_port)
+                    except OSError as exc:
+                        raise ConfigError([f"listeners[{i}].bind: cannot listen on {lst.bind}: "
+                                           f"{exc.strerror or exc}"]) from None
+                    slot = _Slot(key, sock)
+                    fresh.append(slot)
+                slots[lst.name] = slot
+        except BaseException:
+            for slot in fresh:
+                slot.sock.close()
+            raise
+        return slots
+
+    async def _commit(self, cfg: Config, gen: Generation, certs: dict[str, tlsmod.CertSet],
+                      slots: dict[str, _Slot]) -> None:
+        """Point every slot at *gen*; start servers for new sockets."""
+        for lst in cfg.listeners:
+            slot = slots[lst.name]
+            handler = ListenerHandler(gen, lst)
+            handler.bound(slot.sock.getsockname())
+            slot.listener = lst
+            slot.gate_server = GateServer(handler, cfg)
+            slot.certs = certs.get(lst.name)
+            if slot.server is None:
+                if slot.certs is not None:
+                    slot.context = tlsmod.listening_context(slot.current_certs)
+                slot.server = await self.loop.create_server(
+                    slot.new_connection, sock=slot.sock, ssl=slot.context,
+                    backlog=LISTEN_BACKLOG,
+                    ssl_handshake_timeout=cfg.limits.header_timeout if slot.context else None)
+        self._slots = slots
+
+    async def reload(self, cfg: Config) -> None:
+        """Serve *cfg* from now on. Raises ConfigError (and changes nothing) if
+        its certificates or new listening sockets cannot be had."""
+        async with self._lock:
+            certs = cert_sets(cfg)
+            old_slots = dict(self._slots)
+            reusable = {s.key: s for s in old_slots.values()}
+            slots = self._open_slots(cfg, reusable)
+            # Sockets no new listener wants stop accepting now.
+            wanted = {str(lst.bind) for lst in cfg.listeners}
+            for slot in reusable.values():
+                if slot.server is not None:
+                    slot.server.close()
+                if slot.listener is not None and str(slot.listener.bind) not in wanted:
+                    self._unlink(slot)
+            old_gen = self.gen
+            old_servers = {s.gate_server for s in old_slots.values() if s.gate_server}
+            new_gen = Generation(cfg, self.loop)
+            await self._commit(cfg, new_gen, certs, slots)
+            self.cfg, self.gen, self._certs = cfg, new_gen, certs
+            self.generation += 1
+            self._draining_gens[old_gen] = set(old_servers)
+            for gs in old_servers:
+                self._retired.add(gs)
+                gs.retire(lambda g, gen=old_gen: self._server_empty(gen, g))
+
+    def _server_empty(self, gen: Generation, gs: GateServer) -> None:
+        self._retired.discard(gs)
+        servers = self._draining_gens.get(gen)
+        if servers is None:
+            return
+        servers.discard(gs)
+        if not servers:
+            del self._draining_gens[gen]
+            gen.pool.close()  # the last connection of that generation is gone
 
     async def close(self, drain_timeout: float) -> None:
         """Stop accepting, let in-flight requests finish for *drain_timeout*, close."""
-        for _, _, srv in self.servers:
+        servers = [s.server for s in self._slots.values() if s.server is not None]
+        gate_servers = [s.gate_server for s in self._slots.values() if s.gate_server]
+        gate_servers += list(self._retired)
+        for srv in servers:
             srv.close()
-        for _, gs, _ in self.servers:
+        for gs in gate_servers:
             for conn in gs.connections:
                 # Idle keep-alive connections hold no request: close them now
                 # rather than wait the drain out for a request that won't come.
                 if not conn._request_in_progress and not conn._messages:
                     conn.force_close()
         if drain_timeout > 0:
-            await asyncio.gather(*(gs.shutdown(drain_timeout) for _, gs, _ in self.servers),
+            await asyncio.gather(*(gs.shutdown(drain_timeout) for gs in gate_servers),
                                  return_exceptions=True)
         else:
-            for _, gs, _ in self.servers:
+            for gs in gate_servers:
                 for conn in gs.connections:
                     conn.force_close()
-        for _, _, srv in self.servers:
+        for srv in servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()
-        for lst, _, _ in self.servers:
-            if lst.bind.kind == "unix" and not lst.bind.path.startswith("@"):
-                with contextlib.suppress(OSError):
-                    os.unlink(lst.bind.path)
+        for slot in self._slots.values():
+            if slot.server is None:
+                slot.sock.close()
+            self._unlink(slot)
         self.gen.pool.close()
-        self.servers.clear()
+        for gen in self._draining_gens:
+            gen.pool.close()
+        self._draining_gens.clear()
+        self._retired.clear()
+        self._slots.clear()
+
+    @staticmethod
+    def _unlink(slot: _Slot) -> None:
+        lst = slot.listener
+        if lst is not None and lst.bind.kind == "unix" and not lst.bind.path.startswith("@"):
+            with contextlib.suppress(OSError):
+                os.unlink(lst.bind.path)
 
 
 def _where(sock: socket.socket, lst: Listener) -> str:
@@ -279,29 +454,3 @@ def _where(sock: socket.socket, lst: Listener) -> str:
         host = f"[{name[0]}]" if ":" in name[0] else name[0]
         return f"{host}:{name[1]}"
     return str(lst.bind)
-
-
-async def serve(cfg: Config) -> int:
-    """Run the gate until SIGTERM / SIGINT; the exit status."""
-    gate = Gate(cfg)
-    await gate.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # Reload arrives with the service work; until then SIGHUP must not kill.
-    loop.add_signal_handler(signal.SIGHUP,
-                            lambda: log.warning("SIGHUP: reload is not supported yet; ignored"))
-    if cfg.server.workers > 1:
-        log.warning("server.workers = %d: worker processes are not supported yet; "
-                    "running one process", cfg.server.workers)
-    log.info("palpo-gate ready: %d listener(s), upstream %s", len(gate.servers), cfg.upstream.url)
-    try:
-        await stop.wait()
-        log.info("stopping: draining in-flight requests for up to %gs", cfg.server.drain_timeout)
-    finally:
-        await gate.close(cfg.server.drain_timeout)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    log.info("stopped")
-    return 0

@@ -53,8 +53,40 @@ def _matches(name: str, table: dict[str, ssl.SSLContext]) -> ssl.SSLContext | No
     return ctx
 
 
-def build(tls: Tls, where: str) -> ssl.SSLContext:
-    """The listening context for one listener's ``tls`` table."""
+class CertSet:
+    """The certificates of one listener for one config generation."""
+
+    __slots__ = ("_by_name", "_default_names", "_strict", "default", "default_files")
+
+    def __init__(self, default: ssl.SSLContext, default_files: tuple[str, str],
+                 by_name: dict[str, ssl.SSLContext], default_names: set[str],
+                 strict: bool) -> None:
+        self.default = default
+        self.default_files = default_files
+        self._by_name = by_name
+        self._default_names = {n: default for n in default_names}
+        self._strict = strict
+
+    def pick(self, sslobj: ssl.SSLObject, server_name: str | None) -> int | None:
+        """The SNI decision: switch *sslobj* to the certificate for the name,
+        or fail the handshake (strict SNI and an unknown or missing name)."""
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            ctx = _matches(name, self._by_name)
+            if ctx is not None:
+                sslobj.context = ctx
+                return None
+            if not self._strict or _matches(name, self._default_names) is not None:
+                sslobj.context = self.default
+                return None
+        elif not self._strict:
+            sslobj.context = self.default
+            return None
+        return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+
+
+def build(tls: Tls, where: str) -> CertSet:
+    """The certificates of one listener's ``tls`` table, loaded."""
     errors: list[str] = []
     default = _context(tls.cert, tls.key, f"{where}.cert", errors)
     by_name: dict[str, ssl.SSLContext] = {}
@@ -65,27 +97,26 @@ def build(tls: Tls, where: str) -> ssl.SSLContext:
                 by_name.setdefault(name, ctx)
     if errors or default is None:
         raise ConfigError(errors)
-    default_names = {n: default for n in cert_names(tls.cert)}
-    default.sni_callback = _sni_callback(by_name, default_names, tls.strict_sni)
-    return default
+    return CertSet(default, (tls.cert, tls.key), by_name, cert_names(tls.cert), tls.strict_sni)
 
 
-_SniCallback = Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]
+def listening_context(current: Callable[[], CertSet]) -> ssl.SSLContext:
+    """The context a TLS listening socket is created with, for its whole life.
 
+    Its SNI callback asks *current* for the certificates of the generation
+    that is serving now, so a reload (renewed certificates, new SNI names)
+    reaches new handshakes without touching the socket. The version floor
+    comes from this context; certificate and ALPN from the one picked.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(["http/1.1"])
+    # A handshake whose callback could not run still needs a certificate.
+    ctx.load_cert_chain(*current().default_files)
 
-def _sni_callback(by_name: dict[str, ssl.SSLContext], default_names: dict[str, ssl.SSLContext],
-                  strict: bool) -> _SniCallback:
     def pick(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
-        if server_name:
-            name = server_name.lower().rstrip(".")
-            ctx = _matches(name, by_name)
-            if ctx is not None:
-                sslobj.context = ctx
-                return None
-            if not strict or _matches(name, default_names) is not None:
-                return None
-        elif not strict:
-            return None
-        return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return current().pick(sslobj, server_name)
 
-    return pick
+    ctx.sni_callback = pick
+    return ctx
