@@ -35,6 +35,7 @@ from .errors import (
     UpstreamBroken,
     error_body,
 )
+from .metrics import UPSTREAM_ERROR_KIND, Registry
 from .response import ProxiedResponse
 from .routing import Action, Router
 from .upstream import Connection, Pool
@@ -42,6 +43,12 @@ from .upstream import Connection, Pool
 log = logging.getLogger("palpo_gate")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: The route class of each decision, as the metrics label it.
+_ROUTE = {
+    Action.FORWARD: "forward", Action.ADMIN: "admin", Action.HEALTH: "health",
+    Action.WELL_KNOWN_SERVER: "well_known", Action.WELL_KNOWN_CLIENT: "well_known",
+    Action.NOT_FOUND: "not_found", Action.BAD_REQUEST: "bad_request",
+}
 _NO_BODY_STATUSES = frozenset({204, 304})
 _WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
 
@@ -49,8 +56,11 @@ _WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
 class Generation:
     """Everything built from one config: shared by all listeners of that config."""
 
-    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cfg: Config, loop: asyncio.AbstractEventLoop,
+                 metrics: Registry | None = None) -> None:
         self.cfg = cfg
+        #: the process's metrics (they outlive generations); None when off
+        self.metrics = metrics
         self.pool = Pool(cfg.upstream, loop)
         self.documents = wellknown.build(cfg.well_known) if cfg.well_known else None
         self.access = AccessLog(cfg.log.access)
@@ -109,12 +119,14 @@ class ListenerHandler:
         target = request.raw_path
         decision = self.router.decide(method, target)
         action = decision.action
+        gen = self.gen
         if action is Action.HEALTH:
             resp = _health(method)
             if self.retired:
                 resp.force_close()
+            if gen.metrics is not None:
+                gen.metrics.observe(self.name, "health", resp.status, 0.0, 0, 0)
             return _ready(resp)
-        gen = self.gen
         protocol = request.protocol
         client = getattr(protocol, "client_addr", None)
         if client is None:
@@ -128,7 +140,8 @@ class ListenerHandler:
                                decision.matrix, rid)
         elif action is Action.FORWARD or (
                 action is Action.ADMIN and _in(client, gen.allow_admin)):
-            return self._forward(request, method, target, decision.matrix, client, rid)
+            return self._forward(request, method, target, decision.matrix, client, rid,
+                                 _ROUTE[action])
         elif action is Action.ADMIN:
             resp = self._error(403, "the admin API is not reachable through this gateway",
                                True, rid)
@@ -148,6 +161,8 @@ class ListenerHandler:
             resp.force_close()
         if gen.access.enabled:
             gen.access.write(request, self.name, client, _Record(), time.monotonic(), rid, resp)
+        if gen.metrics is not None:
+            gen.metrics.observe(self.name, _ROUTE.get(action, "other"), resp.status, 0.0, 0, 0)
         return _ready(resp)
 
     # -- local answers -------------------------------------------------------------
@@ -191,10 +206,12 @@ class ListenerHandler:
     # -- forwarding -------------------------------------------------------------------
 
     async def _forward(self, request: web.BaseRequest, method: str, target: str,
-                       matrix: bool, client: str, rid: bytes) -> web.StreamResponse:
+                       matrix: bool, client: str, rid: bytes, route: str
+                       ) -> web.StreamResponse:
         """Forward one request; the one funnel from failures to responses."""
         gen = self.gen
-        started = time.monotonic() if gen.access.enabled else 0.0
+        metrics = gen.metrics
+        started = time.monotonic() if gen.access.enabled or metrics is not None else 0.0
         rec = _Record()
         resp: web.StreamResponse | None = None
         pump: _BodyPump | None = None
@@ -255,6 +272,8 @@ class ListenerHandler:
             resp = out
         except GateError as exc:
             rec.error = exc.log_word
+            if metrics is not None and (kind := UPSTREAM_ERROR_KIND.get(type(exc))):
+                metrics.upstream_error(kind)
             if rec.response is not None and rec.response.started:
                 # The response has begun: the only honest signal left is to
                 # close the connection (never a clean short body).
@@ -276,6 +295,9 @@ class ListenerHandler:
                 conn.finish(reusable=False)
             if gen.access.enabled:
                 gen.access.write(request, self.name, client, rec, started, rid, resp)
+            if metrics is not None:
+                metrics.observe(self.name, route, resp.status if resp is not None else 499,
+                                time.monotonic() - started, rec.bytes_in, rec.bytes_out)
         return resp
 
     def _request_head(self, request: web.BaseRequest, method: str, target: str, client: str,

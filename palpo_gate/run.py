@@ -23,9 +23,12 @@ import signal
 import socket
 from collections.abc import Callable
 
+from aiohttp import web
+
 from . import config as configmod
+from . import metrics as metricsmod
 from . import systemd
-from .server import Gate
+from .server import Gate, bind_socket
 
 log = logging.getLogger("palpo_gate")
 
@@ -42,13 +45,24 @@ class Process:
         self._reuse_port = reuse_port
         self._notify = notify
         self.gate: Gate | None = None
+        self.metrics: metricsmod.Registry | None = None
+        self._metrics_server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
 
     async def run(self, on_ready: Callable[[], object] | None = None) -> int:
         loop = asyncio.get_running_loop()
-        self.gate = gate = Gate(self.cfg, passed=self._passed, reuse_port=self._reuse_port)
+        if self.cfg.metrics is not None:
+            self.metrics = metricsmod.Registry(lst.name for lst in self.cfg.listeners)
+        self.gate = gate = Gate(self.cfg, passed=self._passed, reuse_port=self._reuse_port,
+                                metrics=self.metrics)
         await gate.start()
+        if self.metrics is not None:
+            try:
+                await self._start_metrics(gate)
+            except BaseException:
+                await gate.close(0)
+                raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
@@ -70,6 +84,8 @@ class Process:
                 watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloader
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             await gate.close(gate.cfg.server.drain_timeout)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -94,11 +110,37 @@ class Process:
                       self.gate.generation)
             for line in exc.errors:
                 log.error("  %s", line)
+            if self.metrics is not None:
+                self.metrics.reload_failed()
             return False
         finally:
             self._notify("READY=1")
         log.info("reloaded %s: generation %d", cfg.source, self.gate.generation)
+        if self.metrics is not None:
+            self.metrics.reload_succeeded(self.gate.generation)
+        if cfg.metrics != self.cfg.metrics:
+            log.warning("[metrics] changes take effect at the next restart")
         return True
+
+    async def _start_metrics(self, gate: Gate) -> None:
+        """The Prometheus endpoint on ``[metrics] bind`` (its own listener)."""
+        registry = self.metrics
+        assert registry is not None and self.cfg.metrics is not None
+        registry.register_gauge(
+            metricsmod.UPSTREAM_CONNECTIONS, "Open connections to the upstream.",
+            lambda: float(gate.upstream_connections()[0]))
+        registry.register_gauge(
+            metricsmod.UPSTREAM_IDLE_CONNECTIONS, "Idle keep-alive connections to the upstream.",
+            lambda: float(gate.upstream_connections()[1]))
+        bind = self.cfg.metrics.bind
+        try:
+            sock = bind_socket(bind, self._passed or {})
+        except OSError as exc:
+            raise configmod.ConfigError(
+                [f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}"]) from None
+        server = web.Server(metricsmod.make_handler(registry.render), access_log=None)
+        self._metrics_server = await asyncio.get_running_loop().create_server(server, sock=sock)
+        log.info("metrics on %s", bind)
 
 
 def _start_watchdog(notify: Callable[[str], object]) -> asyncio.Task[None] | None:

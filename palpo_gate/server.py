@@ -29,6 +29,7 @@ from aiohttp import http_exceptions, web, web_protocol
 
 from . import tls as tlsmod
 from .config import Bind, Config, ConfigError, Listener
+from .metrics import Registry
 from .proxy import Generation, ListenerHandler
 
 log = logging.getLogger("palpo_gate")
@@ -121,6 +122,7 @@ class GateServer(web.Server):
             access_log=None,
         )
         self.handler = handler
+        self._metrics = handler.gen.metrics
         self._header_timeout = cfg.limits.header_timeout
         #: called once a retired server has no connection left
         self.on_empty: Callable[[GateServer], None] | None = None
@@ -129,9 +131,17 @@ class GateServer(web.Server):
         return _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
                                     **self._kwargs)
 
+    def connection_made(self, handler: web_protocol.RequestHandler,
+                        transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self._metrics is not None:
+            self._metrics.client_connection(self.handler.name, 1)
+
     def connection_lost(self, handler: web_protocol.RequestHandler,
                         exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
+        if self._metrics is not None:
+            self._metrics.client_connection(self.handler.name, -1)
         if self.on_empty is not None and not self._connections:
             self.on_empty(self)
 
@@ -285,12 +295,13 @@ class Gate:
     """
 
     def __init__(self, cfg: Config, *, passed: dict[str, socket.socket] | None = None,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, metrics: Registry | None = None) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self._certs = cert_sets(cfg)
         self.generation = 1
-        self.gen = Generation(cfg, self.loop)
+        self.metrics = metrics
+        self.gen = Generation(cfg, self.loop, metrics)
         self._passed = passed if passed is not None else systemd_sockets()
         self._reuse_port = reuse_port
         self._slots: dict[str, _Slot] = {}  # by listener name
@@ -308,6 +319,11 @@ class Gate:
     @property
     def contexts(self) -> dict[str, ssl.SSLContext]:
         return {name: s.context for name, s in self._slots.items() if s.context is not None}
+
+    def upstream_connections(self) -> tuple[int, int]:
+        """(open, idle) upstream connections of every live generation."""
+        pools = [self.gen.pool, *(g.pool for g in self._draining_gens)]
+        return sum(p.open_count for p in pools), sum(p.idle_count for p in pools)
 
     def addresses(self) -> dict[str, Any]:
         return {name: s.sock.getsockname() for name, s in self._slots.items()}
@@ -387,7 +403,7 @@ class Gate:
                     self._unlink(slot)
             old_gen = self.gen
             old_servers = {s.gate_server for s in old_slots.values() if s.gate_server}
-            new_gen = Generation(cfg, self.loop)
+            new_gen = Generation(cfg, self.loop, self.metrics)
             await self._commit(cfg, new_gen, certs, slots)
             self.cfg, self.gen, self._certs = cfg, new_gen, certs
             self.generation += 1

@@ -5,6 +5,7 @@ a bad config changes nothing, renewed certificates reach new handshakes."""
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import shutil
 import ssl
 
@@ -182,7 +183,8 @@ async def _peer_names(port: int, ca: trustme.CA, sni: str) -> set[str]:
         await conn.close()
 
 
-async def test_certificates_renewed_on_disk_reach_new_handshakes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_certificates_renewed_on_disk_reach_new_handshakes(
+        tmp_path: pathlib.Path) -> None:
     ca = trustme.CA()
     cert, key = str(tmp_path / "fullchain.pem"), str(tmp_path / "privkey.pem")
     _write_cert(ca, "before.test", cert, key)
