@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from . import __version__
@@ -60,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
+    worker = os.environ.get("PALPO_GATE_WORKER")
+    who = f"palpo_gate[worker {worker}]" if worker is not None else "%(name)s"
     logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {who}: %(message)s")
     setup_access_logger()
     log = logging.getLogger("palpo_gate")
     if not c_parser:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -38,12 +39,18 @@ class Process:
 
     def __init__(self, cfg: configmod.Config, path: str | None, *,
                  passed: dict[str, socket.socket] | None = None, reuse_port: bool = False,
-                 notify: Callable[[str], object] = systemd.notify) -> None:
+                 notify: Callable[[str], object] = systemd.notify,
+                 report: Callable[[str], object] | None = None,
+                 metrics_dir: str = "") -> None:
         self.cfg = cfg
         self.path = path
         self._passed = passed
         self._reuse_port = reuse_port
         self._notify = notify
+        #: a worker's channel to its supervisor ("R" ready, "H" reloaded, "F" failed)
+        self._report = report or (lambda _: None)
+        #: a worker writes its metrics here for the supervisor to serve
+        self._metrics_dir = metrics_dir
         self.gate: Gate | None = None
         self.metrics: metricsmod.Registry | None = None
         self._metrics_server: asyncio.AbstractServer | None = None
@@ -57,12 +64,15 @@ class Process:
         self.gate = gate = Gate(self.cfg, passed=self._passed, reuse_port=self._reuse_port,
                                 metrics=self.metrics)
         await gate.start()
+        snapshots: asyncio.Task[None] | None = None
         if self.metrics is not None:
             try:
                 await self._start_metrics(gate)
             except BaseException:
                 await gate.close(0)
                 raise
+            if self._metrics_dir:
+                snapshots = loop.create_task(self._write_snapshots(), name="metrics snapshots")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
@@ -70,8 +80,9 @@ class Process:
                  self.cfg.upstream.url)
         if on_ready is not None:
             on_ready()
+        self._report("R")
         self._notify("READY=1")
-        watchdog = _start_watchdog(self._notify)
+        watchdog = start_watchdog(self._notify)
         reloader = loop.create_task(self._reload_loop(), name="palpo-gate reload")
         try:
             await self._stop.wait()
@@ -82,6 +93,8 @@ class Process:
             reloader.cancel()
             if watchdog is not None:
                 watchdog.cancel()
+            if snapshots is not None:
+                snapshots.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloader
             if self._metrics_server is not None:
@@ -112,10 +125,12 @@ class Process:
                 log.error("  %s", line)
             if self.metrics is not None:
                 self.metrics.reload_failed()
+            self._report("F")
             return False
         finally:
             self._notify("READY=1")
         log.info("reloaded %s: generation %d", cfg.source, self.gate.generation)
+        self._report("H")
         if self.metrics is not None:
             self.metrics.reload_succeeded(self.gate.generation)
         if cfg.metrics != self.cfg.metrics:
@@ -132,6 +147,8 @@ class Process:
         registry.register_gauge(
             metricsmod.UPSTREAM_IDLE_CONNECTIONS, "Idle keep-alive connections to the upstream.",
             lambda: float(gate.upstream_connections()[1]))
+        if self._metrics_dir:
+            return  # a worker: the supervisor serves the sum of all workers
         bind = self.cfg.metrics.bind
         try:
             sock = bind_socket(bind, self._passed or {})
@@ -143,7 +160,18 @@ class Process:
         log.info("metrics on %s", bind)
 
 
-def _start_watchdog(notify: Callable[[str], object]) -> asyncio.Task[None] | None:
+    async def _write_snapshots(self) -> None:
+        assert self.metrics is not None
+        path = os.path.join(self._metrics_dir, f"worker-{os.getpid()}.json")
+        while True:
+            try:
+                self.metrics.write_snapshot(path)
+            except OSError as exc:
+                log.warning("cannot write metrics snapshot %s: %s", path, exc)
+            await asyncio.sleep(1.0)
+
+
+def start_watchdog(notify: Callable[[str], object]) -> asyncio.Task[None] | None:
     interval = systemd.watchdog_interval()
     if interval is None:
         return None
@@ -157,8 +185,23 @@ def _start_watchdog(notify: Callable[[str], object]) -> asyncio.Task[None] | Non
 
 
 async def serve(cfg: configmod.Config, path: str | None = None) -> int:
-    """Run one gate process until SIGTERM / SIGINT; the exit status."""
+    """Run the gate until SIGTERM / SIGINT; the exit status.
+
+    One process when ``server.workers`` is 1; else the supervisor of
+    :mod:`workers`, which starts this same program once per worker.
+    """
+    from . import workers
+
+    if workers.ENV_WORKER in os.environ:
+        report_fd = int(os.environ[workers.ENV_REPORT_FD])
+
+        def report(code: str) -> None:
+            with contextlib.suppress(OSError):
+                os.write(report_fd, code.encode())
+
+        return await Process(cfg, path, passed=workers.inherited_sockets(), reuse_port=True,
+                             notify=lambda _: None, report=report,
+                             metrics_dir=os.environ.get(workers.ENV_METRICS_DIR, "")).run()
     if cfg.server.workers > 1:
-        log.warning("server.workers = %d: worker processes are not supported yet; "
-                    "running one process", cfg.server.workers)
+        return await workers.Supervisor(cfg, path).run()
     return await Process(cfg, path).run()

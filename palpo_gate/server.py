@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
+from . import systemd
 from . import tls as tlsmod
 from .config import Bind, Config, ConfigError, Listener
 from .metrics import Registry
@@ -160,26 +161,26 @@ class GateServer(web.Server):
 
 # -- sockets ------------------------------------------------------------------------
 
-SD_LISTEN_FDS_START = 3
 #: Pending connections per listener (capped by net.core.somaxconn). asyncio's
 #: default of 100 overflows when thousands of clients reconnect at once.
 LISTEN_BACKLOG = 4096
 
 
 def systemd_sockets() -> dict[str, socket.socket]:
-    """Sockets passed by systemd socket activation, by LISTEN_FDNAMES name."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return {}
-    try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return {}
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    """Sockets passed by systemd socket activation, by ``FileDescriptorName=``.
+
+    One socket per name: ``ListenStream=443`` gives one dual-stack socket.
+    A unit that passes several under one name gets the first served and a
+    warning (give each its own name and listener).
+    """
     out: dict[str, socket.socket] = {}
-    for i in range(count):
-        fd = SD_LISTEN_FDS_START + i
-        name = names[i] if i < len(names) and names[i] else f"fd{fd}"
-        out[name] = socket.socket(fileno=fd)
+    for name, socks in systemd.listen_fds().items():
+        if len(socks) > 1:
+            log.warning("systemd passed %d sockets named %r; serving the first (give each "
+                        "its own FileDescriptorName= and [[listeners]] entry)", len(socks), name)
+            for extra in socks[1:]:
+                extra.close()
+        out[name] = socks[0]
     return out
 
 
@@ -268,9 +269,11 @@ class _Slot:
     generations while its key is unchanged: a reload swaps what new
     connections get, not the socket (no refused connections)."""
 
-    def __init__(self, key: tuple[str, bool], sock: socket.socket) -> None:
+    def __init__(self, key: tuple[str, bool], sock: socket.socket, owned: bool) -> None:
         self.key = key
         self.sock = sock
+        #: bound here (not passed by systemd or the supervisor): ours to unlink
+        self.owned = owned
         self.listener: Listener | None = None
         self.gate_server: GateServer | None = None
         self.certs: tlsmod.CertSet | None = None
@@ -358,7 +361,8 @@ class Gate:
                     except OSError as exc:
                         raise ConfigError([f"listeners[{i}].bind: cannot listen on {lst.bind}: "
                                            f"{exc.strerror or exc}"]) from None
-                    slot = _Slot(key, sock)
+                    handed = lst.bind.kind == "systemd" or str(lst.bind) in self._passed
+                    slot = _Slot(key, sock, owned=not handed)
                     fresh.append(slot)
                 slots[lst.name] = slot
         except BaseException:
@@ -459,7 +463,8 @@ class Gate:
     @staticmethod
     def _unlink(slot: _Slot) -> None:
         lst = slot.listener
-        if lst is not None and lst.bind.kind == "unix" and not lst.bind.path.startswith("@"):
+        if (slot.owned and lst is not None and lst.bind.kind == "unix"
+                and not lst.bind.path.startswith("@")):
             with contextlib.suppress(OSError):
                 os.unlink(lst.bind.path)
 

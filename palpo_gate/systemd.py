@@ -97,10 +97,10 @@ def monotonic_usec() -> int:
 def reloading_message() -> str:
     """``RELOADING=1`` with the ``MONOTONIC_USEC=`` systemd pairs it with.
 
-    ``Type=notify-reload`` (systemd ≥ 253) matches the timestamp against the
-    moment it sent the reload signal; newer versions wait for it, and older
-    ones ignore the unknown field. Send ``READY=1`` when the reload is done,
-    whether it succeeded or not.
+    Under ``Type=notify-reload`` (systemd ≥ 253) the timestamp tells systemd
+    that this reload began after the signal it sent; from 257 on, a reload
+    without it never completes. Older versions ignore the field. Send
+    ``READY=1`` when the reload is done, whether it succeeded or not.
     """
     return f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec()}"
 

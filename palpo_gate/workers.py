@@ -1,0 +1,302 @@
+"""Worker processes: ``server.workers = N`` processes sharing the listeners.
+
+This module owns the supervisor, the parent of the workers. It serves no
+request itself. It:
+- hands the workers the sockets they cannot bind themselves: UNIX sockets
+  (bound once here) and sockets passed by systemd (inherited). TCP sockets
+  are bound by every worker with SO_REUSEPORT, so the kernel spreads new
+  connections across them;
+- starts the workers (``python -m palpo_gate`` again, told by environment
+  variables that it is a worker, so each is a fresh interpreter rather than
+  a fork of a running event loop) and restarts one that dies;
+- tells systemd READY=1 only once every worker reported ready, and
+  RELOADING / READY / STOPPING / WATCHDOG for the whole service;
+- forwards SIGHUP (after checking the new config itself, so that a bad one
+  is reported once) and SIGTERM / SIGINT;
+- serves the metrics endpoint, summing the snapshots the workers write.
+
+Each worker runs :class:`run.Process` and reports on a pipe: ``R`` ready,
+``H`` reloaded, ``F`` reload failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+
+from aiohttp import web
+
+from . import config as configmod
+from . import metrics as metricsmod
+from . import systemd
+from .run import start_watchdog
+from .server import bind_socket, cert_sets, systemd_sockets
+
+log = logging.getLogger("palpo_gate")
+
+ENV_WORKER = "PALPO_GATE_WORKER"  # the worker's index
+ENV_FDS = "PALPO_GATE_FDS"  # "key=fd;key=fd": sockets handed down
+ENV_REPORT_FD = "PALPO_GATE_REPORT_FD"  # the pipe a worker reports on
+ENV_METRICS_DIR = "PALPO_GATE_METRICS_DIR"  # where a worker writes its metrics snapshot
+
+#: How long a restarted worker waits after a crash, growing while it keeps crashing.
+_BACKOFF = (0.5, 1, 2, 5, 10, 30)
+
+
+def inherited_sockets() -> dict[str, socket.socket]:
+    """In a worker: the sockets the supervisor handed down, by key."""
+    out: dict[str, socket.socket] = {}
+    for item in filter(None, os.environ.get(ENV_FDS, "").split(";")):
+        key, _, fd = item.rpartition("=")
+        out[key] = socket.socket(fileno=int(fd))
+    return out
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.reports: asyncio.Queue[str] = asyncio.Queue()
+        self.crashes = 0
+
+
+class _ReportProtocol(asyncio.Protocol):
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+
+    def data_received(self, data: bytes) -> None:
+        for ch in data.decode("ascii", "replace"):
+            if ch == "R":
+                self.worker.ready.set()
+            elif ch in "HF":
+                self.worker.reports.put_nowait(ch)
+
+
+class Supervisor:
+    def __init__(self, cfg: configmod.Config, path: str | None, *,
+                 notify: Callable[[str], object] = systemd.notify) -> None:
+        self.cfg = cfg
+        self.path = path
+        self._notify = notify
+        self._workers: list[_Worker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._handed: dict[str, socket.socket] = {}
+        self._metrics_dir = ""
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    # -- sockets handed to every worker
+
+    def _hand_down(self) -> None:
+        passed = systemd_sockets()
+        for name, sock in passed.items():
+            self._handed[name] = sock
+        for i, lst in enumerate(self.cfg.listeners):
+            if lst.bind.kind == "unix":
+                try:
+                    self._handed[str(lst.bind)] = bind_socket(lst.bind, {})
+                except OSError as exc:
+                    raise configmod.ConfigError([f"listeners[{i}].bind: cannot listen on "
+                                                 f"{lst.bind}: {exc.strerror or exc}"]) from None
+        for sock in self._handed.values():
+            sock.set_inheritable(True)
+
+    # -- workers
+
+    async def _spawn(self, worker: _Worker) -> None:
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(var, None)  # systemd hears from the supervisor only
+        env[ENV_WORKER] = str(worker.index)
+        env[ENV_FDS] = ";".join(f"{k}={s.fileno()}" for k, s in self._handed.items())
+        env[ENV_REPORT_FD] = str(write_fd)
+        if self._metrics_dir:
+            env[ENV_METRICS_DIR] = self._metrics_dir
+        args = [sys.executable, "-m", "palpo_gate"]
+        if self.path is not None:
+            args += ["--config", self.path]
+        worker.ready.clear()
+        loop = asyncio.get_running_loop()
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                *args, env=env, pass_fds=(write_fd, *(s.fileno() for s in self._handed.values())),
+                stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            os.close(write_fd)
+        await loop.connect_read_pipe(lambda: _ReportProtocol(worker),
+                                     os.fdopen(read_fd, "rb", buffering=0))
+        log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Restart *worker* whenever it exits while the service runs."""
+        while True:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if self._stopping:
+                return
+            worker.crashes += 1
+            delay = _BACKOFF[min(worker.crashes - 1, len(_BACKOFF) - 1)]
+            log.error("worker %d (pid %d) exited with status %s; restarting in %gs",
+                      worker.index, worker.proc.pid, code, delay)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            await self._spawn(worker)
+            try:
+                async with asyncio.timeout(60):
+                    await worker.ready.wait()
+                worker.crashes = 0 if worker.crashes < 3 else worker.crashes
+            except TimeoutError:
+                log.error("restarted worker %d did not report ready", worker.index)
+
+    def _signal_all(self, sig: int) -> None:
+        for w in self._workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(sig)
+
+    # -- the service
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._hand_down()
+        if self.cfg.metrics is not None:
+            self._metrics_dir = tempfile.mkdtemp(prefix="palpo-gate-metrics-")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        try:
+            if self.cfg.metrics is not None:
+                await self._start_metrics()
+            self._workers = [_Worker(i) for i in range(self.cfg.server.workers)]
+            for w in self._workers:
+                await self._spawn(w)
+            # Ready when all are; failed when one exits first (or we are stopped).
+            waits = [asyncio.ensure_future(self._all_ready()),
+                     asyncio.ensure_future(self._stop.wait()),
+                     *(asyncio.ensure_future(w.proc.wait()) for w in self._workers if w.proc)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for f in waits:
+                f.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            if not all(w.ready.is_set() for w in self._workers):
+                log.error("a worker failed to start; stopping")
+                return await self._shutdown(1)
+            self._tasks = [loop.create_task(self._watch(w), name=f"worker {w.index}")
+                           for w in self._workers]
+            log.info("palpo-gate ready: %d workers, upstream %s", len(self._workers),
+                     self.cfg.upstream.url)
+            self._notify("READY=1")
+            watchdog = start_watchdog(self._notify)
+            reloads = loop.create_task(self._reload_loop(), name="supervisor reload")
+            await self._stop.wait()
+            reloads.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
+            return await self._shutdown(0)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for sock in self._handed.values():
+                sock.close()
+            for lst in self.cfg.listeners:
+                if lst.bind.kind == "unix" and not lst.bind.path.startswith("@"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(lst.bind.path)
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+            if self._metrics_dir:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    async def _all_ready(self) -> None:
+        for w in self._workers:
+            await w.ready.wait()
+
+    async def _shutdown(self, status: int) -> int:
+        self._stopping = True
+        self._notify("STOPPING=1")
+        for t in self._tasks:
+            t.cancel()
+        self._signal_all(signal.SIGTERM)
+        grace = self.cfg.server.drain_timeout + 5
+        procs = [w.proc for w in self._workers if w.proc is not None]
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*(p.wait() for p in procs))
+        except TimeoutError:
+            log.error("workers still running %gs after SIGTERM; killing them", grace)
+            self._signal_all(signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in procs))
+        log.info("stopped")
+        return status
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self._reload_once()
+
+    async def _reload_once(self) -> None:
+        self._notify(systemd.reloading_message())
+        try:
+            try:
+                cfg = configmod.load(self.path)
+                cert_sets(cfg)
+            except configmod.ConfigError as exc:
+                log.error("reload failed; still serving the running config. The new config:")
+                for line in exc.errors:
+                    log.error("  %s", line)
+                return
+            if cfg.server.workers != self.cfg.server.workers:
+                log.warning("server.workers changes take effect at the next restart")
+            handed = {str(lst.bind) for lst in cfg.listeners if lst.bind.kind == "unix"}
+            if handed - set(self._handed):
+                log.warning("new UNIX listeners need a restart when server.workers > 1")
+            for w in self._workers:
+                while not w.reports.empty():
+                    w.reports.get_nowait()
+            self._signal_all(signal.SIGHUP)
+            results = []
+            for w in self._workers:
+                try:
+                    async with asyncio.timeout(30):
+                        results.append(await w.reports.get())
+                except TimeoutError:
+                    results.append("?")
+            if all(r == "H" for r in results):
+                self.cfg = cfg
+                log.info("reloaded: %d workers", len(results))
+            else:
+                log.error("reload: %d of %d workers kept their config",
+                          sum(r != "H" for r in results), len(results))
+        finally:
+            self._notify("READY=1")
+
+    async def _start_metrics(self) -> None:
+        assert self.cfg.metrics is not None
+        directory = self._metrics_dir
+
+        def render() -> bytes:
+            return metricsmod.merge(metricsmod.read_snapshots(directory), stale_after=5.0)
+
+        bind = self.cfg.metrics.bind
+        try:
+            sock = bind_socket(bind, self._handed)
+        except OSError as exc:
+            raise configmod.ConfigError(
+                [f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}"]) from None
+        server = web.Server(metricsmod.make_handler(render), access_log=None)
+        self._metrics_server = await asyncio.get_running_loop().create_server(server, sock=sock)
+        log.info("metrics on %s (summed over the workers)", bind)
