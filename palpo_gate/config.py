@@ -251,7 +251,8 @@ def parse_bind(value: object, *, allow_systemd: bool = True) -> Bind:
         if not allow_systemd:
             raise _Bad(f"{value!r}: socket activation is not available here")
         name = value[8:]
-        if not name or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", name):
+        # FileDescriptorName= may not contain ':' (the LISTEN_FDNAMES separator).
+        if not name or not re.fullmatch(r"[A-Za-z0-9_.@+-]{1,255}", name):
             raise _Bad(f"{value!r}: expected systemd:NAME, NAME as in FileDescriptorName=")
         return Bind("systemd", path=name)
     host, port = _split_host_port(value)

@@ -194,8 +194,9 @@ def bind_socket(bind: Bind, passed: dict[str, socket.socket], *,
     if bind.kind == "systemd":
         sock = passed.get(bind.path)
         if sock is None:
+            names = sorted(k for k in passed if not k.startswith("unix:"))
             raise OSError(f"no socket named {bind.path!r} was passed by systemd "
-                          f"(LISTEN_FDNAMES={os.environ.get('LISTEN_FDNAMES', '')!r})")
+                          f"(passed: {', '.join(names) or 'none'})")
         sock.setblocking(False)
         return sock
     if bind.kind == "unix":
