@@ -16,14 +16,16 @@ request body bytes read, response body bytes sent (like nginx's
 error word of a failed request.
 
 ``plain`` is nginx's ``combined`` format followed by ``key=value`` fields, so
-tools that read combined logs read its first part::
+tools that read combined logs read its first part (one line, wrapped here)::
 
-    127.0.0.1 - - [01/May/2024:12:00:00 +0000] "GET /_matrix/client/versions HTTP/1.1" 200 52
-    "-" "curl/8.5" listener=client upstream_status=200 bytes_in=0 duration=0.003 rid=…
+    127.0.0.1 - - [01/May/2024:12:00:00 +0000] "GET /_matrix/client/versions HTTP/1.1"
+    200 52 "-" "curl/8.5" listener=client upstream_status=200 bytes_in=0
+    duration=0.003 rid=5f0c… [error=WORD]
 
-(one line). Escaping follows nginx's ``escape=default``: ``"``, ``\\`` and
-every byte below 0x20 or above 0x7E become ``\\xHH`` in the quoted fields;
-the unquoted fields also escape the space. A line never holds a raw quote,
+``duration`` is in seconds, as nginx's ``$request_time``; JSON has
+``duration_ms``. Escaping follows nginx's ``escape=default``: ``"``, ``\\``
+and every byte below 0x20 or above 0x7E become ``\\xHH`` in the quoted
+fields; the unquoted fields also escape the space. A line never holds a raw quote,
 control character or newline, so it can always be split.
 
 ``json`` writes one object per line; strings are escaped by the JSON rules
@@ -33,13 +35,13 @@ Redaction (the Matrix client API accepts ``?access_token=`` as a credential,
 client-server API "Using access tokens"): in the query (everything after the
 first ``?``) of the target and of the Referer, each ``&``-separated parameter
 whose name is ``access_token`` has its value replaced by ``<redacted>``. The
-name is compared after percent-decoding and ASCII lower-casing, because
-Palpo's form-urlencoded parser decodes names (``%61ccess_token=`` is a token
-for Palpo) and an over-redacted log line costs nothing. ``;`` is not a
-separator (Palpo does not split on it), so a value runs to the next ``&``:
-splitting on ``;`` would leave the part of a token after a ``;`` in the log.
-An empty value stays empty. Everything else in the target stays byte for byte
-as the client sent it.
+name is compared after percent-decoding (once) and ASCII lower-casing: a
+form-urlencoded query parser, as Palpo's web framework uses, decodes names,
+so ``%61ccess_token=`` is a token too, and an over-redacted log line costs
+nothing. ``;`` is not a separator (form-urlencoded splits on ``&`` only), so
+a value runs to the next ``&``: splitting on ``;`` would leave the part of a
+token after a ``;`` in the log. An empty value stays empty. Everything else
+in the target stays byte for byte as the client sent it.
 
 Cost: the timestamps are formatted once a second, listener names once, and a
 target with neither ``%`` nor a secret name in its query is not split; a
@@ -208,6 +210,8 @@ class AccessLog:
         line = self.line(request, listener, client, rec, started, rid, resp)
         stream = self._stream if self._stream is not None else sys.stdout
         try:
+            if stream is None:  # started with stdout closed
+                raise ValueError("there is no stdout")
             stream.write(line)
             stream.flush()
         except (OSError, ValueError) as exc:  # stdout closed or gone: it will not come back
@@ -262,12 +266,3 @@ class AccessLog:
             _json_str(agent) if agent is not None else "null",
             _json_str(redact_target(referer)) if referer is not None else "null",
             _json_str(rec.error) if rec.error else "null")
-
-
-def setup_access_logger() -> None:
-    """Kept for the CLI, which calls it once at start.
-
-    Access lines no longer go through :mod:`logging` (its record machinery
-    cost about 8 µs a line); :class:`AccessLog` writes them straight to
-    stdout, so there is nothing to set up.
-    """

@@ -16,7 +16,6 @@ import sys
 
 from . import __version__
 from . import config as configmod
-from .accesslog import setup_access_logger
 
 EXIT_CONFIG = 2
 
@@ -65,7 +64,6 @@ def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
     who = f"palpo_gate[worker {worker}]" if worker is not None else "%(name)s"
     logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {who}: %(message)s")
-    setup_access_logger()
     log = logging.getLogger("palpo_gate")
     if not c_parser:
         log.error("aiohttp's C HTTP parser is not loaded (AIOHTTP_NO_EXTENSIONS set, or no "
