@@ -360,7 +360,7 @@ def _sni_name(value: object) -> str:
 
 
 def _http_url(value: object) -> str:
-    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
         raise _Bad("expected an http:// or https:// URL")
     return value
 
@@ -476,9 +476,21 @@ def _file(v: object) -> str:
     return path
 
 
+#: Headers the gate frames or sets itself; a request id under one of these
+#: names would desync or spoof (Content-Length twice, say).
+_RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te",
+    "trailer", "upgrade", "expect", "proxy-connection", "proxy-authorization",
+    "proxy-authenticate", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+    "x-forwarded-port", "x-real-ip", "forwarded", "content-type", "content-encoding",
+})
+
+
 def _header_name(v: object) -> str:
     if not isinstance(v, str) or not _TOKEN_RE.match(v):
         raise _Bad("expected an HTTP header name")
+    if v.lower() in _RESERVED_HEADERS:
+        raise _Bad(f"{v!r} is a header the gate frames or sets itself")
     return v
 
 
@@ -584,6 +596,8 @@ def _read_listeners(r: _Reader, raw: object) -> tuple[Listener, ...]:
         role = r.get(t, p, "role", _one_of("client", "federation"), "client")
         prefixes = r.list_of(t, p, "prefixes", parse_prefix, ROLE_PREFIXES.get(role, ()))
         hosts_raw = r.list_of(t, p, "hosts", parse_host_name, ())
+        if "hosts" in t and t["hosts"] == []:
+            r.error(f"{p}.hosts", "empty: every request would get 421 (omit it to answer any Host)")
         tls = _read_tls(r, t["tls"], f"{p}.tls") if "tls" in t else None
         out.append(Listener(
             name=name, bind=bind, role=role, prefixes=prefixes,  # type: ignore[arg-type]

@@ -76,6 +76,19 @@ class BodyTimeout(GateError):
     log_word = "body_timeout"
 
 
+class ClientTooSlow(GateError):
+    """The client took no response bytes for limits.body_timeout (nginx's
+    send_timeout): it would hold an upstream connection for nothing."""
+
+    status = 408
+    log_word = "client_timeout"
+
+
+class BadHost(GateError):
+    status = 400
+    log_word = "bad_host"
+
+
 class BadRequestBody(GateError):
     status = 400
     log_word = "bad_request_body"

@@ -64,6 +64,14 @@ def strip_hop_by_hop(headers: RawHeaders, also: frozenset[bytes] = frozenset()
     return [(n, v) for n, v in headers if n.lower() not in drop]
 
 
+_HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
+
+
+def valid_host(value: bytes) -> bool:
+    """``uri-host [ ":" port ]`` (RFC 9110 section 7.2): no '/', '@', spaces."""
+    return _HOST_RE.fullmatch(value) is not None
+
+
 def sane_request_id(value: bytes | None) -> bool:
     return value is not None and _REQUEST_ID_RE.fullmatch(value) is not None
 
@@ -116,6 +124,10 @@ def build_request_head(
         # Read after hop-by-hop removal: an XFF named in Connection is gone.
         prior_xff = [v for n, v in strip_hop_by_hop(headers) if n.lower() == b"x-forwarded-for"]
     for name, value in strip_hop_by_hop(headers, drop):
+        # X_Forwarded_For and friends: CGI-style servers read them as the real
+        # header (HTTP_X_FORWARDED_FOR); the client must not smuggle them in.
+        if b"_" in name and name.lower().replace(b"_", b"-") in drop:
+            continue
         out += (name, b": ", value, b"\r\n")
     xff = b", ".join([*prior_xff, client_addr.encode()])
     out += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n",

@@ -28,9 +28,11 @@ from . import wellknown
 from .accesslog import AccessLog
 from .config import Config, Listener
 from .errors import (
+    BadHost,
     BadRequestBody,
     BodyTimeout,
     BodyTooLarge,
+    ClientTooSlow,
     GateError,
     UpstreamBroken,
     error_body,
@@ -50,6 +52,7 @@ _ROUTE = {
     Action.NOT_FOUND: "not_found", Action.BAD_REQUEST: "bad_request",
 }
 _NO_BODY_STATUSES = frozenset({204, 304})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
 
 
@@ -120,6 +123,9 @@ class ListenerHandler:
         decision = self.router.decide(method, target)
         action = decision.action
         gen = self.gen
+        if request.version != (1, 1) and request.version != (1, 0):
+            return _ready(web.Response(status=505, text="HTTP version not supported\n",
+                                       headers={"Connection": "close"}))
         if action is Action.HEALTH:
             resp = _health(method)
             if self.retired:
@@ -234,8 +240,11 @@ class ListenerHandler:
                 except UpstreamBroken:
                     # A pooled connection the upstream closed while idle: retry
                     # once on a fresh one, but only if nothing of the response
-                    # came and no body byte was taken from the client.
+                    # came, no body byte was taken from the client, and the
+                    # method is idempotent (RFC 9110 section 9.2.2: a proxy
+                    # MUST NOT retry others; the upstream may have acted).
                     if (attempt == 0 and conn.reused and not conn.got_bytes
+                            and method in _IDEMPOTENT
                             and (pump is None or pump.consumed == 0)):
                         if pump is not None:
                             pump.cancel()
@@ -264,7 +273,11 @@ class ListenerHandler:
                     # and the end of the body in one write.
                     last = conn.drained()
                     if out.send(data, last):
-                        await out.drain()
+                        try:
+                            async with asyncio.timeout(limits.body_timeout):
+                                await out.drain()
+                        except TimeoutError:
+                            raise ClientTooSlow("client stopped reading the response") from None
                     if last:
                         break
             conn.finish(reusable=pump is None or pump.done())
@@ -331,11 +344,13 @@ class ListenerHandler:
                 # web.Server never answers Expect itself; the size check above
                 # has passed, so invite the body now (RFC 9110 section 10.1.1).
                 request.transport.write(_CONTINUE)  # type: ignore[union-attr]
+        host = hdr.header_value(raw_headers, b"host")
+        if host is not None and not hdr.valid_host(host):
+            raise BadHost("invalid Host header")
         head = hdr.build_request_head(
             method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
             client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
-            host=hdr.host_with_port(hdr.header_value(raw_headers, b"host"), self.port,
-                                    self.fallback_host),
+            host=hdr.host_with_port(host, self.port, self.fallback_host),
             request_id_name=gen.rid_name, request_id=rid, framing=framing)
         return head, has_body, chunked
 

@@ -56,8 +56,9 @@ class ProxiedResponse(web.StreamResponse):
         self._payload_writer = self._drain_writer = request._payload_writer
         version = request.version
         keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
-        lines = [b"HTTP/%d.%d %d %s\r\n" % (version[0], version[1], self.status,
-                                            self._reason_bytes or b"-"),
+        # HTTP/1.1 to 1.0 clients too: the highest version the gate speaks
+        # (RFC 9110 section 2.5); keep-alive for them is spelled out below.
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, self._reason_bytes or b"-"),
                  self._block]
         if self._length is not None:
             # Kept as the upstream sent it (for HEAD too: the length of the GET).

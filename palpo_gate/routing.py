@@ -78,10 +78,13 @@ def normalise(path: str) -> str:
     if "//" in decoded:
         decoded = _SLASHES_RE.sub("/", decoded)
     if "." in decoded:
-        for segment in decoded.split("/"):
+        # A decoded backslash is split on too, and a segment ends at NUL: an
+        # upstream that took '\\' for '/' or stopped at NUL would see these
+        # as dot segments.
+        for segment in decoded.replace("\\", "/").split("/"):
             # '..;' and '.;x' are dot segments to servers that strip path
             # parameters (RFC 3986 section 3.3), so they are refused too.
-            if segment.split(";", 1)[0] in (".", ".."):
+            if segment.split(";", 1)[0].split("\0", 1)[0] in (".", ".."):
                 raise BadTarget("dot segment in path")
     return decoded
 

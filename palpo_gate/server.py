@@ -30,14 +30,20 @@ from aiohttp import http_exceptions, web, web_protocol
 from . import systemd
 from . import tls as tlsmod
 from .config import Bind, Config, ConfigError, Listener
+from .errors import error_body
 from .metrics import Registry
 from .proxy import Generation, ListenerHandler
+from .wellknown import CORS_HEADERS
 
 log = logging.getLogger("palpo_gate")
 
 #: aiohttp's C (llhttp) parser rejects smuggling vectors the pure-Python parser
 #: has let through (several CVEs); the gate refuses to run without it.
 C_PARSER = web_protocol.HttpRequestParser.__module__ == "aiohttp._http_parser"
+
+
+MAX_LINE_SIZE = 8190  # request line (aiohttp's default)
+MAX_FIELD_SIZE = 8192  # one header field, name and value (nginx's 8k buffer)
 
 
 class _HeadTimeoutProtocol(web_protocol.RequestHandler):
@@ -96,6 +102,29 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         content.set_exception(http_exceptions.BadHttpMessage(msg.message))
         content.feed_eof()  # nothing to linger for: the connection closes after
 
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """Requests the parser refused: 414 / 431 / 400 as Matrix JSON with the
+        CORS headers (a browser sees the status, not a CORS failure), logged
+        quietly (any client can send them), the connection closed."""
+        if status != 400 or not isinstance(exc, http_exceptions.HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, http_exceptions.LineTooLong):
+            status = 414 if exc.args[1] == MAX_LINE_SIZE else 431
+            reason = "request line too long" if status == 414 else "header field too long"
+        elif "Too many headers" in str(exc):
+            status, reason = 431, "too many header fields"
+        else:
+            reason = "malformed request"
+        log.debug("refused a malformed request from %s: %s", self.client_addr, exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had begun")
+        body, ctype = error_body(status, reason, matrix=True)
+        resp = web.Response(status=status, body=body,
+                            headers=(("Content-Type", ctype), *CORS_HEADERS))
+        resp.force_close()
+        return resp
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self._request_in_progress and not self._messages:
@@ -121,6 +150,10 @@ class GateServer(web.Server):
             auto_decompress=False,
             keepalive_timeout=cfg.limits.idle_timeout,
             access_log=None,
+            # Different sizes tell the refusals apart: 414 for the request line,
+            # 431 for a header field (see handle_error).
+            max_line_size=MAX_LINE_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
         )
         self.handler = handler
         self._metrics = handler.gen.metrics
@@ -434,19 +467,30 @@ class Gate:
         gate_servers += list(self._retired)
         for srv in servers:
             srv.close()
+        busy: list[asyncio.Task[None]] = []
         for gs in gate_servers:
             for conn in gs.connections:
-                # Idle keep-alive connections hold no request: close them now
-                # rather than wait the drain out for a request that won't come.
-                if not conn._request_in_progress and not conn._messages:
+                task = conn._task_handler
+                if conn._request_in_progress or conn._messages:
+                    # Finish the request in hand, then close (no next request).
+                    conn.close()
+                    if task is not None and not task.done():
+                        busy.append(task)
+                else:
+                    # Idle keep-alive: close now rather than wait the drain out
+                    # for a request that won't come.
                     conn.force_close()
-        if drain_timeout > 0:
-            await asyncio.gather(*(gs.shutdown(drain_timeout) for gs in gate_servers),
-                                 return_exceptions=True)
-        else:
-            for gs in gate_servers:
-                for conn in gs.connections:
-                    conn.force_close()
+        # One deadline for the whole drain (aiohttp's own shutdown(timeout)
+        # waits up to twice its timeout).
+        if busy and drain_timeout > 0:
+            await asyncio.wait(busy, timeout=drain_timeout)
+        cut = False
+        for gs in gate_servers:
+            for conn in gs.connections:
+                cut = True
+                conn.force_close()  # handler cancellation aborts its upstream request
+        if cut and busy:
+            await asyncio.wait(busy, timeout=1.0)
         for srv in servers:
             with contextlib.suppress(Exception):
                 await srv.wait_closed()

@@ -30,7 +30,14 @@ from .errors import UpstreamBroken, UpstreamConnectTimeout, UpstreamTimeout, Ups
 #: Pause reading from the upstream when this much response body is buffered
 #: and the client is not taking it: memory stays flat on big downloads.
 _HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
+#: Idle pooled connections older than this are not reused: an upstream that
+#: times idle connections out (60 s is common) may be closing them right now,
+#: and a request written into that race cannot always be retried.
+IDLE_EXPIRY = 50.0
+
+
+class _Overrun(Exception):
+    """Raised inside the parser to stop it at bytes past the response."""
 
 
 class Connection(asyncio.Protocol):
@@ -39,9 +46,10 @@ class Connection(asyncio.Protocol):
     # Slots: thousands of these are held during long-polls.
     __slots__ = (
         "_body_until_close", "_buffered", "_chunks", "_drain_waiter", "_exc", "_head_only",
-        "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_parser", "_pool",
-        "_read_paused", "_reason", "_timer_key", "_waiter", "_write_paused", "closed", "complete",
-        "got_bytes", "headers", "reused", "status", "transport",
+        "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_overrun", "_parser", "_pool",
+        "_read_paused", "_reason", "_timer_key", "_waiter", "_write_paused",
+        "closed", "complete", "got_bytes", "headers", "idle_since", "reused", "status",
+        "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -54,6 +62,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         #: True when this connection served an earlier exchange (came from the pool)
         self.reused = False
+        self.idle_since = 0.0
         self._in_exchange = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -75,6 +84,8 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._timer_key = 0
         self._body_until_close = False
+        #: bytes came after the end of the response: out of step, never reused
+        self._overrun = False
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -88,12 +99,22 @@ class Connection(asyncio.Protocol):
             return
         self.got_bytes = True
         if self.complete:
-            return  # bytes after a HEAD response's head: the connection is closed after
+            # Bytes after the end of the response (or after a HEAD response's
+            # head): the upstream is out of step; this connection is not reused.
+            self._overrun = True
+            return
         parser = self._parser
         if parser is None:
             parser = self._parser = httptools.HttpResponseParser(self)
         try:
             parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Overrun):
+                self._overrun = True  # the response before it stands
+            else:
+                self._fail(UpstreamBroken(f"invalid response from upstream: "
+                                          f"{exc.__context__ or exc}"))
+                self._close()
         except httptools.HttpParserUpgrade:
             # 101 Switching Protocols: the gate never forwards Upgrade, so an
             # upstream that switches anyway is out of step.
@@ -132,6 +153,12 @@ class Connection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._head_ready:
+            # A second message after the final response (RFC 9112 section 6.3:
+            # a response to a request the gate never sent). Stop parsing here:
+            # it must neither change the response being sent nor stay in the
+            # pool half-parsed.
+            raise _Overrun
         self._reason.clear()
         self.headers = []
 
@@ -139,7 +166,10 @@ class Connection(asyncio.Protocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # After the head these are trailer fields: never merged into the head
+        # (RFC 9110 section 6.5.1); dropped.
+        if not self._head_ready:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -148,6 +178,11 @@ class Connection(asyncio.Protocol):
             # Interim (100, 103): not forwarded; wait for the final response.
             # 101 is never asked for (Upgrade is not forwarded): data_received fails it.
             return
+        codings = [v for n, v in self.headers if n.lower() == b"transfer-encoding"]
+        if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+            # Only chunked is understood (RFC 9112 section 6.1); anything else
+            # would be passed on mis-framed.
+            raise UpstreamBroken("upstream sent a Transfer-Encoding other than chunked")
         self.status = status
         self._head_ready = True
         if self._head_only:
@@ -290,7 +325,7 @@ class Connection(asyncio.Protocol):
         self._in_exchange = False
         self._disarm()
         if (reusable and self.complete and self._keep_alive and not self._head_only
-                and not self.closed and self._exc is None):
+                and not self.closed and self._exc is None and not self._overrun):
             self._reset_exchange(False)
             self._pool._release(self)
         else:
@@ -365,11 +400,18 @@ class Pool:
 
     async def acquire(self) -> Connection:
         """A pooled connection if one is idle, else a new one."""
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed:
-                conn.reused = True
-                return conn
+        if self._idle:
+            expired = self.loop.time() - IDLE_EXPIRY
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.idle_since < expired:
+                    conn._close()  # older ones too: the list is oldest first
+                    for old in self._idle:
+                        old._close()
+                    self._idle.clear()
+                elif not conn.closed:
+                    conn.reused = True
+                    return conn
         return await self.connect()
 
     async def connect(self) -> Connection:
@@ -393,6 +435,7 @@ class Pool:
 
     def _release(self, conn: Connection) -> None:
         if len(self._idle) < self.cfg.pool_size:
+            conn.idle_since = self.loop.time()
             self._idle.append(conn)
         else:
             conn._close()

@@ -228,6 +228,14 @@ WK = '[well_known]\nserver = "matrix.example.com:443"\n'
 
 BAD_CONFIGS: list[tuple[str, str, str, str]] = [
     # (id, document, key path, part of the message)
+    # -- values that parse but cannot work
+    ("empty hosts", L0 + "hosts = []\n", "listeners[0].hosts", "every request would get 421"),
+    ("request id as Content-Length", "[forwarding]\nrequest_id_header = 'Content-Length'\n",
+     "forwarding.request_id_header", "frames or sets itself"),
+    ("request id as X-Forwarded-For", "[forwarding]\nrequest_id_header = 'x-forwarded-for'\n",
+     "forwarding.request_id_header", "frames or sets itself"),
+    ("client URL with a space", "[well_known]\nclient = 'https://x/ y'\n",
+     "well_known.client", "expected an http:// or https:// URL"),
     # -- unknown keys, at every level
     ("top", "bogus = 1\n", "bogus", "unknown key"),
     ("top-table", "[logging]\nlevel = 'info'\n", "logging", "unknown key"),
@@ -552,7 +560,7 @@ prefixes = ["/_matrix/federation", "/_matrix/key/"]
 name = "local"
 bind = "unix:/run/palpo-gate/client.sock"
 prefixes = ["/"]
-hosts = []
+hosts = ["localhost"]
 
 [[listeners]]
 name = "activated"
