@@ -113,6 +113,8 @@ TARGETS: list[tuple[str, str, str]] = [
     ("/_matrix/%2", BAD, "truncated escape"),
     ("/_matrix/%", BAD, "lone percent"),
     ("/_matrix/x#frag", BAD, "fragment"),
+    ("/_matrix/%5c..%5c_palpo/admin", BAD, "dot-dot between encoded backslashes"),
+    ("/_matrix/..%00/x", BAD, "dot-dot ended by an encoded NUL"),
     ("*", BAD, "asterisk-form with GET"),
 ]
 
