@@ -144,7 +144,8 @@ async def test_listeners_added_and_removed() -> None:
     async with recorder() as up:
         port, port2 = _free_port(), _free_port()
         async with running_gate(_toml(up.port, port)) as gate:
-            second = f'[[listeners]]\nname = "second"\nbind = "127.0.0.1:{port2}"\nrole = "federation"'
+            second = (f'[[listeners]]\nname = "second"\nbind = "127.0.0.1:{port2}"\n'
+                      'role = "federation"')
             await gate.reload(configmod.loads(_toml(up.port, port) + second))
             assert (await fetch(port2, get("/_matrix/federation/v1/version"))).status == 200
             assert (await fetch(port2, get("/_palpo/client/x"))).status == 404
