@@ -544,7 +544,11 @@ def nginx_connections(ctx: Ctx) -> int:
     """worker_connections for the proxy nginx: two sockets per held long-poll plus
     room for the rest, as an operator would size it (each slot costs ~0.4 KiB of
     RSS up front, so it is not simply set to the maximum)."""
-    return min(max(1024, 2 * ctx.mode.longpolls + 512), ctx.fd_limit - 64)
+    # 2 per held long-poll (client + upstream), plus what earlier phases
+    # left open (wrk keep-alives, the upstream keepalive cache): with only
+    # +512, nginx logged "worker_connections are not enough, reusing
+    # connections" and dropped ~250 of 8,000 long-polls.
+    return min(max(1024, 2 * ctx.mode.longpolls + 2048), ctx.fd_limit - 64)
 
 
 @contextlib.contextmanager
