@@ -42,6 +42,10 @@ _UNTRUSTED_FORWARDING: frozenset[bytes] = frozenset({
 #: Response headers the gate frames itself (the body length is re-emitted).
 _RESPONSE_REPLACED: frozenset[bytes] = frozenset({b"content-length"})
 
+_DROP_TRUSTED = HOP_BY_HOP | _REQUEST_REPLACED
+_DROP_UNTRUSTED = _DROP_TRUSTED | _UNTRUSTED_FORWARDING
+_DROP_RESPONSE = HOP_BY_HOP | _RESPONSE_REPLACED
+
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
@@ -76,8 +80,28 @@ def sane_request_id(value: bytes | None) -> bool:
     return value is not None and _REQUEST_ID_RE.fullmatch(value) is not None
 
 
-def new_request_id() -> bytes:
-    return os.urandom(16).hex().encode()
+class _RequestIds:
+    """Unique request ids without a syscall each: os.urandom() per request
+    cost a getrandom() call on the hot path. A random per-process prefix
+    (re-drawn after fork) and a counter: 32 hex digits, unique, not secret."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self._prefix = os.urandom(10).hex().encode()
+        self._count = 0
+
+    def __call__(self) -> bytes:
+        self._count += 1
+        if self._count > 0xFFFFFFFFFFFF:
+            self.reset()
+            self._count = 1
+        return b"%s%012x" % (self._prefix, self._count)
+
+
+new_request_id = _RequestIds()
 
 
 def host_with_port(host: bytes | None, port: int, fallback: bytes) -> bytes:
@@ -96,6 +120,12 @@ def host_with_port(host: bytes | None, port: int, fallback: bytes) -> bytes:
     return host + b":%d" % port
 
 
+def _named_tokens(values: list[bytes]) -> frozenset[bytes]:
+    """Names listed in Connection headers that are not hop-by-hop already."""
+    tokens = {t.strip().lower() for v in values for t in v.split(b",")}
+    return frozenset(tokens - HOP_BY_HOP - {b""})
+
+
 def build_request_head(
     method: bytes,
     target: bytes,
@@ -112,30 +142,45 @@ def build_request_head(
     """The request head sent upstream, ``\\r\\n\\r\\n`` included.
 
     *framing* is the body framing line (``Content-Length: N`` or
-    ``Transfer-Encoding: chunked``) or empty for no body.
+    ``Transfer-Encoding: chunked``) or empty for no body. One pass over the
+    headers (this runs for every request); a second only when a
+    ``Connection`` header names more than the standard hop-by-hop ones.
     """
     rid_lower = request_id_name.lower()
-    drop = _REQUEST_REPLACED | {rid_lower}
-    if not peer_trusted:
-        drop = drop | _UNTRUSTED_FORWARDING
-    out = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    drop = _DROP_TRUSTED if peer_trusted else _DROP_UNTRUSTED
+    lines: list[bytes] = []
+    lnames: list[bytes] = []
+    connection: list[bytes] = []
     prior_xff: list[bytes] = []
-    if peer_trusted:
-        # Read after hop-by-hop removal: an XFF named in Connection is gone.
-        prior_xff = [v for n, v in strip_hop_by_hop(headers) if n.lower() == b"x-forwarded-for"]
-    for name, value in strip_hop_by_hop(headers, drop):
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop or lname == rid_lower:
+            if lname == b"connection":
+                connection.append(value)
+            elif lname == b"x-forwarded-for" and peer_trusted:
+                prior_xff.append(value)
+            continue
         # X_Forwarded_For and friends: CGI-style servers read them as the real
         # header (HTTP_X_FORWARDED_FOR); the client must not smuggle them in.
-        if b"_" in name and name.lower().replace(b"_", b"-") in drop:
-            continue
-        out += (name, b": ", value, b"\r\n")
-    xff = b", ".join([*prior_xff, client_addr.encode()])
-    out += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n",
-            request_id_name, b": ", request_id, b"\r\n")
-    if framing:
-        out += (framing, b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+        if b"_" in lname:
+            dashed = lname.replace(b"_", b"-")
+            if dashed in drop or dashed == rid_lower:
+                continue
+        lines.append(b"%b: %b\r\n" % (name, value))
+        lnames.append(lname)
+    if connection and (named := _named_tokens(connection)):
+        # RFC 9110 section 7.6.1: every header named in Connection is hop-by-hop.
+        lines = [line for line, lname in zip(lines, lnames, strict=True) if lname not in named]
+        if b"x-forwarded-for" in named:
+            prior_xff = []
+    prior_xff.append(client_addr.encode())
+    return b"".join((
+        b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (method, target, host),
+        *lines,
+        b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n%b: %b\r\n" % (
+            b", ".join(prior_xff), proto, request_id_name, request_id),
+        b"%b\r\n\r\n" % framing if framing else b"\r\n",
+    ))
 
 
 def response_headers(headers: RawHeaders) -> list[tuple[bytes, bytes]]:
@@ -148,13 +193,27 @@ def response_block(headers: RawHeaders, request_id_name: bytes, request_id: byte
     """The response header lines for the client, and the upstream's Content-Length.
 
     The request id replaces any the upstream sent; framing headers are the
-    gate's to write (:mod:`response`).
+    gate's to write (:mod:`response`). One pass, as for requests.
     """
-    length = header_value(headers, b"content-length")
-    kept = strip_hop_by_hop(headers, _RESPONSE_REPLACED | {request_id_name.lower()})
-    out = [b"%b: %b\r\n" % pair for pair in kept]
-    out.append(b"%b: %b\r\n" % (request_id_name, request_id))
-    return b"".join(out), None if length is None else int(length)
+    rid_lower = request_id_name.lower()
+    length: bytes | None = None
+    lines: list[bytes] = []
+    lnames: list[bytes] = []
+    connection: list[bytes] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _DROP_RESPONSE or lname == rid_lower:
+            if lname == b"content-length":
+                length = value
+            elif lname == b"connection":
+                connection.append(value)
+            continue
+        lines.append(b"%b: %b\r\n" % (name, value))
+        lnames.append(lname)
+    if connection and (named := _named_tokens(connection)):
+        lines = [line for line, lname in zip(lines, lnames, strict=True) if lname not in named]
+    lines.append(b"%b: %b\r\n" % (request_id_name, request_id))
+    return b"".join(lines), None if length is None else int(length)
 
 
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Action(enum.Enum):
@@ -33,8 +33,9 @@ class Action(enum.Enum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """What to do with one request (a tuple: made once per request, cheaply)."""
+
     action: Action
     #: the normalised path (decoded, slashes collapsed), for logs and error bodies
     path: str = ""
@@ -58,6 +59,20 @@ _WELL_KNOWN_PREFIX = "/.well-known/matrix"
 _MATRIX_ROOTS = ("/_matrix", "/_palpo", "/_synapse", _WELL_KNOWN_PREFIX)
 
 
+def _prefix_re(prefixes: tuple[str, ...], flags: int = 0) -> re.Pattern[str]:
+    """One regex for segment-boundary matching of several prefixes (the table
+    stays data; matching it is one call into the regex engine)."""
+    if "/" in prefixes:
+        return re.compile("/", flags)
+    if not prefixes:
+        return re.compile("(?!)")
+    alternatives = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    return re.compile(f"(?:{alternatives})(?:/|$)", flags)
+
+
+_MATRIX_RE = _prefix_re(_MATRIX_ROOTS)
+
+
 def _unescape(m: re.Match[str]) -> str:
     hexpair = m.group(1)
     if hexpair is None:
@@ -77,7 +92,7 @@ def normalise(path: str) -> str:
     decoded = _ESCAPE_RE.sub(_unescape, path) if "%" in path else path
     if "//" in decoded:
         decoded = _SLASHES_RE.sub("/", decoded)
-    if "." in decoded:
+    if "/." in decoded or "\\." in decoded:  # a dot segment starts right after a separator
         # A decoded backslash is split on too, and a segment ends at NUL: an
         # upstream that took '\\' for '/' or stopped at NUL would see these
         # as dot segments.
@@ -105,15 +120,17 @@ def _strip_params(path: str) -> str:
 class Router:
     """The routing table of one listener, built once at load."""
 
-    __slots__ = ("_admin", "_prefixes", "_well_known")
+    __slots__ = ("_admin", "_forward", "_well_known")
 
     def __init__(self, prefixes: tuple[str, ...], blocked_prefixes: tuple[str, ...],
                  well_known: bool) -> None:
-        self._prefixes = tuple(prefixes)
+        forward = tuple(prefixes)
         if not well_known and not any(_under(_WELL_KNOWN_PREFIX, p) for p in prefixes):
             # [well_known] absent: delegation documents come from Palpo.
-            self._prefixes += (_WELL_KNOWN_PREFIX,)
-        self._admin = tuple(p.lower() for p in blocked_prefixes)
+            forward += (_WELL_KNOWN_PREFIX,)
+        self._forward = _prefix_re(forward)
+        # Matched against the lower-cased path: case-insensitive.
+        self._admin = _prefix_re(tuple(p.lower() for p in blocked_prefixes))
         self._well_known = well_known
 
     def decide(self, method: str, target: str) -> Decision:
@@ -134,7 +151,7 @@ class Router:
             path = normalise(raw_path)
         except BadTarget as exc:
             return Decision(Action.BAD_REQUEST, raw_path, str(exc), _is_matrix(raw_path))
-        matrix = _is_matrix(path)
+        matrix = _MATRIX_RE.match(path) is not None
 
         if path == _HEALTH:
             return Decision(Action.HEALTH, path)
@@ -145,15 +162,12 @@ class Router:
                 return Decision(Action.WELL_KNOWN_CLIENT, path, matrix=True)
         # Admin prefixes are matched case-insensitively and with ;params
         # stripped: no spelling of the path reaches the admin API.
-        folded = _strip_params(path).lower()
-        for prefix in self._admin:
-            if _under(folded, prefix):
-                return Decision(Action.ADMIN, path, matrix=True)
-        for prefix in self._prefixes:
-            if _under(path, prefix):
-                return Decision(Action.FORWARD, path, matrix=matrix)
-        return Decision(Action.NOT_FOUND, path, matrix=matrix)
+        if self._admin.match(_strip_params(path).lower()) is not None:
+            return Decision(Action.ADMIN, path, "", True)
+        if self._forward.match(path) is not None:
+            return Decision(Action.FORWARD, path, "", matrix)
+        return Decision(Action.NOT_FOUND, path, "", matrix)
 
 
 def _is_matrix(path: str) -> bool:
-    return any(_under(path, root) for root in _MATRIX_ROOTS)
+    return _MATRIX_RE.match(path) is not None
