@@ -178,18 +178,26 @@ class Connection(asyncio.Protocol):
             # Interim (100, 103): not forwarded; wait for the final response.
             # 101 is never asked for (Upgrade is not forwarded): data_received fails it.
             return
-        codings = [v for n, v in self.headers if n.lower() == b"transfer-encoding"]
-        if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
-            # Only chunked is understood (RFC 9112 section 6.1); anything else
-            # would be passed on mis-framed.
-            raise UpstreamBroken("upstream sent a Transfer-Encoding other than chunked")
+        framed = False  # by Content-Length or chunked
+        codings: list[bytes] = []
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                framed = True
+            elif lname == b"transfer-encoding":
+                codings.append(value)
+        if codings:
+            if len(codings) > 1 or codings[0].strip().lower() != b"chunked":
+                # Only chunked is understood (RFC 9112 section 6.1); anything
+                # else would be passed on mis-framed.
+                raise UpstreamBroken("upstream sent a Transfer-Encoding other than chunked")
+            framed = True
         self.status = status
         self._head_ready = True
         if self._head_only:
             self.complete = True
         elif status not in (204, 304):
-            self._body_until_close = not any(
-                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
+            self._body_until_close = not framed
         self._wake()
 
     def on_body(self, body: bytes) -> None:
