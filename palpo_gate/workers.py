@@ -192,8 +192,12 @@ class Supervisor:
                 f.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
             if not all(w.ready.is_set() for w in self._workers):
+                codes = {w.proc.returncode for w in self._workers if w.proc is not None}
                 log.error("a worker failed to start; stopping")
-                return await self._shutdown(1)
+                status = await self._shutdown(1)
+                # A worker's config error (a listener that cannot bind, say) is
+                # the service's: exit 2 as a single process would.
+                return 2 if 2 in codes else status
             self._tasks = [loop.create_task(self._watch(w), name=f"worker {w.index}")
                            for w in self._workers]
             log.info("palpo-gate ready: %d workers, upstream %s", len(self._workers),
