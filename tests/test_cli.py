@@ -30,6 +30,7 @@ from conftest import free_port
 from palpo_gate import __version__
 from palpo_gate import config as configmod
 from tests.support.gate import GateProcess, run_gate, spawn
+from tests.support.upstream_thread import ThreadedUpstream, UpReq
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "palpo-gate")
 COMMANDS = {
@@ -55,125 +56,22 @@ def command(request: pytest.FixtureRequest) -> list[str]:
 # -- a threaded upstream ---------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class UpReq:
-    head: bytes
-    target: bytes
-    headers: dict[bytes, bytes]
-    arrived: float
-    peer_closed_at: float | None = None  # set when the gate closed this held request
-
-
-class ThreadUpstream:
-    """HTTP/1.1 upstream in threads. Targets starting with ``/_matrix/hold/N``
-    are answered after N seconds; ``/_matrix/client/v3/sync`` is held (up to
-    10 s) until the gate closes the connection; everything else at once."""
+class ThreadUpstream(ThreadedUpstream):
+    """The shared threaded upstream (``support/upstream_thread.py``): targets
+    starting with ``/_matrix/hold/N`` are answered after N seconds,
+    ``/_matrix/client/v3/sync`` is held up to 10 s; the body is
+    ``{"target": ...}``, which these tests compare byte for byte."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.port: int = self.listener.getsockname()[1]
-        self.requests: list[UpReq] = []
-        self.changed = threading.Condition()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        super().__init__(sync_hold=10.0)
 
-    def wait_for(self, pred: object, timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(pred, timeout)  # type: ignore[arg-type]
-
-    def start(self) -> None:
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(3)
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(0.1)
-        buf = b""
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    data = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                while b"\r\n\r\n" in buf:  # the tests send no request bodies
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    lines = head.split(b"\r\n")
-                    target = lines[0].split(b" ")[1]
-                    headers = {}
-                    for line in lines[1:]:
-                        name, _, value = line.partition(b":")
-                        headers[name.strip().lower()] = value.strip()
-                    req = UpReq(head, target, headers, time.monotonic())
-                    with self.changed:
-                        self.requests.append(req)
-                        self.changed.notify_all()
-                    if not self._answer(conn, req):
-                        return
-
-    def _hold(self, conn: socket.socket, req: UpReq, seconds: float) -> bool:
-        """Wait *seconds*; False (and the time recorded) if the gate closes first."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end and not self._stop.is_set():
-            try:
-                if conn.recv(1, socket.MSG_PEEK) == b"":
-                    with self.changed:
-                        req.peer_closed_at = time.monotonic()
-                        self.changed.notify_all()
-                    return False
-                time.sleep(0.05)  # bytes waiting (not expected): keep holding
-            except TimeoutError:
-                continue
-            except OSError:
-                with self.changed:
-                    req.peer_closed_at = time.monotonic()
-                    self.changed.notify_all()
-                return False
-        return True
-
-    def _answer(self, conn: socket.socket, req: UpReq) -> bool:
-        m = re.match(rb"/_matrix/hold/(\d+)", req.target)
-        if m and not self._hold(conn, req, float(m.group(1))):
-            return False
-        if req.target.startswith(b"/_matrix/client/v3/sync"):
-            self._hold(conn, req, 10)
-            return False
-        body = b'{"target": "%s"}' % req.target
-        try:
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        except OSError:
-            return False
-        return True
+    def body(self, req: UpReq) -> bytes:
+        return b'{"target": "%s"}' % req.target
 
 
 @pytest.fixture
 def upstream() -> Iterator[ThreadUpstream]:
-    up = ThreadUpstream()
-    up.start()
+    up = ThreadUpstream().start()
     try:
         yield up
     finally:

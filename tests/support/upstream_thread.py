@@ -153,6 +153,10 @@ class ThreadedUpstream:
             self.changed.notify_all()
         return False
 
+    def body(self, req: UpReq) -> bytes:
+        """The JSON answered to a request that is not a /sync long-poll."""
+        return json.dumps({"upstream": self.name, "target": req.target.decode("latin-1")}).encode()
+
     def _answer(self, conn: socket.socket, req: UpReq) -> bool:
         m = _HOLD.match(req.target)
         if m and not self._hold(conn, req, float(m.group(1))):
@@ -162,8 +166,7 @@ class ThreadedUpstream:
                 return False
             body = json.dumps({"next_batch": f"{self.name}-s1"}).encode()
         else:
-            body = json.dumps({"upstream": self.name,
-                               "target": req.target.decode("latin-1")}).encode()
+            body = self.body(req)
         try:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
