@@ -24,12 +24,10 @@ import signal
 import socket
 from collections.abc import Callable
 
-from aiohttp import web
-
 from . import config as configmod
 from . import metrics as metricsmod
 from . import systemd
-from .server import Gate, bind_socket
+from .server import Gate, serve_metrics
 
 log = logging.getLogger("palpo_gate")
 
@@ -150,13 +148,7 @@ class Process:
         if self._metrics_dir:
             return  # a worker: the supervisor serves the sum of all workers
         bind = self.cfg.metrics.bind
-        try:
-            sock = bind_socket(bind, self._passed or {})
-        except OSError as exc:
-            raise configmod.ConfigError(
-                [f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}"]) from None
-        server = web.Server(metricsmod.make_handler(registry.render), access_log=None)
-        self._metrics_server = await asyncio.get_running_loop().create_server(server, sock=sock)
+        self._metrics_server = await serve_metrics(bind, registry.render, self._passed or {})
         log.info("metrics on %s", bind)
 
 

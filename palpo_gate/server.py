@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 
+from . import metrics as metricsmod
 from . import systemd
 from . import tls as tlsmod
 from .config import Bind, Config, ConfigError, Listener
@@ -268,6 +269,18 @@ def bind_socket(bind: Bind, passed: dict[str, socket.socket], *,
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+async def serve_metrics(bind: Bind, render: Callable[[], bytes],
+                        passed: dict[str, socket.socket]) -> asyncio.AbstractServer:
+    """The Prometheus endpoint on ``[metrics] bind``, its own listener."""
+    try:
+        sock = bind_socket(bind, passed)
+    except OSError as exc:
+        raise ConfigError(
+            [f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}"]) from None
+    server = web.Server(metricsmod.make_handler(render), access_log=None)
+    return await asyncio.get_running_loop().create_server(server, sock=sock)
 
 
 def cert_sets(cfg: Config) -> dict[str, tlsmod.CertSet]:

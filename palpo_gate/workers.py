@@ -32,13 +32,11 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-from aiohttp import web
-
 from . import config as configmod
 from . import metrics as metricsmod
 from . import systemd
 from .run import start_watchdog
-from .server import bind_socket, cert_sets, systemd_sockets
+from .server import bind_socket, cert_sets, serve_metrics, systemd_sockets
 
 log = logging.getLogger("palpo_gate")
 
@@ -296,11 +294,5 @@ class Supervisor:
             return metricsmod.merge(metricsmod.read_snapshots(directory), stale_after=5.0)
 
         bind = self.cfg.metrics.bind
-        try:
-            sock = bind_socket(bind, self._handed)
-        except OSError as exc:
-            raise configmod.ConfigError(
-                [f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}"]) from None
-        server = web.Server(metricsmod.make_handler(render), access_log=None)
-        self._metrics_server = await asyncio.get_running_loop().create_server(server, sock=sock)
+        self._metrics_server = await serve_metrics(bind, render, self._handed)
         log.info("metrics on %s (summed over the workers)", bind)
