@@ -4,12 +4,24 @@ This module owns the one rule everything rests on: the *decision* is made on a
 normalised copy of the path, the *request* is forwarded with the raw target,
 byte for byte. Nothing here ever produces a target to send: it only decides.
 
-The normalised copy: percent-escapes decoded once, repeated slashes collapsed.
-A target that could mean different things to different parsers is refused
-(400) rather than guessed at: absolute-form, a fragment, a raw backslash, an
-invalid escape, a ``.`` or ``..`` segment (literal, encoded, or followed by
-``;params``). Matrix never uses them, and an upstream that resolved them could
-be steered past the admin block (``/_matrix/%2e%2e/_palpo/admin``).
+Two readings of a path are made; see docs/DESIGN.md ("Routing"):
+
+- The first reading is the one that decides. Segments are the pieces between
+  *literal* ``/`` characters, each percent-decoded once. A segment that decodes
+  to ``.`` or ``..`` (also ``.;x``, ``..;x``) is refused (400), and so are a raw
+  backslash, ``%00`` and an invalid escape: these are dot segments or
+  terminators to some server, and Matrix never needs them. An encoded slash is
+  *data*: Matrix puts client-chosen strings into the path (transaction IDs,
+  state keys, room aliases, user IDs), and ``quote("a/../b", safe="")`` is
+  ``a%2F..%2Fb``, which must reach Palpo unchanged. Prefixes are matched on the
+  fully decoded path with repeated slashes collapsed.
+- The second reading is defence in depth against an upstream that *would*
+  decode ``%2F`` and then resolve dot segments: decode everything, take a
+  decoded ``\\`` for ``/``, resolve dot segments as RFC 3986 section 5.2.4
+  does (with and without merging repeated slashes, and with ``;params``
+  stripped from dot segments). When that reading lands under an admin prefix,
+  or outside the prefix the first reading matched, the request is refused
+  (400). It is only made when a dot segment could appear in it at all.
 
 Pure: no sockets, no aiohttp. Tested with tables in ``tests/test_routing.py``.
 """
@@ -82,26 +94,64 @@ def _unescape(m: re.Match[str]) -> str:
     return chr(int(hexpair, 16))
 
 
-def normalise(path: str) -> str:
-    """The decision copy of *path* (the target without its query).
+def _decode(path: str) -> str:
+    return _ESCAPE_RE.sub(_unescape, path) if "%" in path else path
 
-    Raises :class:`BadTarget` for targets refused by SPEC section 2.
+
+def normalise(path: str) -> str:
+    """The first reading of *path* (the target without its query): decoded
+    once, repeated slashes collapsed. This copy decides where a request goes.
+
+    Raises :class:`BadTarget` for targets refused by SPEC section 2 (items 2, 3).
     """
     if "\\" in path:
         raise BadTarget("backslash in path")
-    decoded = _ESCAPE_RE.sub(_unescape, path) if "%" in path else path
+    decoded = _decode(path)
+    if "\0" in decoded:
+        raise BadTarget("NUL in path")
     if "//" in decoded:
         decoded = _SLASHES_RE.sub("/", decoded)
-    if "/." in decoded or "\\." in decoded:  # a dot segment starts right after a separator
-        # A decoded backslash is split on too, and a segment ends at NUL: an
-        # upstream that took '\\' for '/' or stopped at NUL would see these
-        # as dot segments.
-        for segment in decoded.replace("\\", "/").split("/"):
+    if "/." in decoded:  # a dot segment starts right after a separator
+        # Segments are split on *literal* slashes only: an encoded slash is
+        # data inside a segment (a transaction ID such as "a/../b").
+        for segment in path.split("/"):
             # '..;' and '.;x' are dot segments to servers that strip path
             # parameters (RFC 3986 section 3.3), so they are refused too.
-            if segment.split(";", 1)[0].split("\0", 1)[0] in (".", ".."):
+            if _decode(segment).split(";", 1)[0] in (".", ".."):
                 raise BadTarget("dot segment in path")
     return decoded
+
+
+def _resolve(path: str, merge: bool) -> str:
+    """RFC 3986 section 5.2.4 (remove_dot_segments) on a decoded path, with
+    ``;params`` stripped from would-be dot segments, and repeated slashes
+    merged first when *merge* (as nginx's merge_slashes)."""
+    out: list[str] = []
+    for segment in path.split("/")[1:]:
+        if merge and not segment:
+            continue
+        core = segment.split(";", 1)[0]
+        if core == ".":
+            continue
+        if core == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    return "/" + "/".join(out)
+
+
+def second_readings(path: str) -> tuple[str, ...]:
+    """What a careless upstream could make of *path* (the raw path, already
+    accepted by :func:`normalise`): everything decoded, a decoded backslash
+    taken for a slash, dot segments resolved. Empty when no dot segment can
+    appear in such a reading, which is the case for nearly every request."""
+    decoded = _decode(path)
+    if "\\" in decoded:
+        decoded = decoded.replace("\\", "/")
+    if "/." not in decoded:
+        return ()
+    return _resolve(decoded, merge=False), _resolve(decoded, merge=True)
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -162,11 +212,32 @@ class Router:
                 return Decision(Action.WELL_KNOWN_CLIENT, path, matrix=True)
         # Admin prefixes are matched case-insensitively and with ;params
         # stripped: no spelling of the path reaches the admin API.
-        if self._admin.match(_strip_params(path).lower()) is not None:
+        if self._is_admin(path):
             return Decision(Action.ADMIN, path, "", True)
+        if "/." in path or "\\" in path:
+            # A dot segment may hide behind an encoded slash or backslash.
+            reason = self._second_reading_refused(raw_path, path)
+            if reason:
+                return Decision(Action.BAD_REQUEST, path, reason, matrix)
         if self._forward.match(path) is not None:
             return Decision(Action.FORWARD, path, "", matrix)
         return Decision(Action.NOT_FOUND, path, "", matrix)
+
+    def _is_admin(self, path: str) -> bool:
+        return self._admin.match(_strip_params(path).lower()) is not None
+
+    def _second_reading_refused(self, raw_path: str, path: str) -> str:
+        """Why the second reading of *raw_path* is refused; empty if it is not
+        (SPEC section 2, item 4)."""
+        readings = second_readings(raw_path)
+        forward = self._forward.match(path)
+        prefix = forward.group(0).rstrip("/") if forward is not None else ""
+        for reading in readings:
+            if self._is_admin(reading):
+                return "encoded dot segments lead to the admin API"
+            if forward is not None and prefix and not _under(reading, prefix):
+                return "encoded dot segments lead out of " + prefix
+        return ""
 
 
 def _is_matrix(path: str) -> bool:

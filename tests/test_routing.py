@@ -13,7 +13,14 @@ import pytest
 import targets
 
 from palpo_gate.config import DEFAULT_BLOCKED_PREFIXES, ROLE_PREFIXES
-from palpo_gate.routing import Action, BadTarget, Decision, Router, normalise
+from palpo_gate.routing import (
+    Action,
+    BadTarget,
+    Decision,
+    Router,
+    normalise,
+    second_readings,
+)
 
 CLIENT = Router(ROLE_PREFIXES["client"], DEFAULT_BLOCKED_PREFIXES, well_known=False)
 FEDERATION = Router(ROLE_PREFIXES["federation"], DEFAULT_BLOCKED_PREFIXES, well_known=False)
@@ -257,7 +264,8 @@ NORMALISE_TABLE = [
     ("/a%2Fb", "/a/b"),
     ("/a%2f%2Fb", "/a/b"),  # decoded, then collapsed
     ("/caf%C3%A9", "/caf\xc3\xa9"),  # one character per byte
-    ("/a%00b", "/a\x00b"),
+    ("/a%2f..%2fb", "/a/../b"),  # an encoded slash is data: not a dot segment
+    ("/a%2F.%2Fb", "/a/./b"),
     ("/_matrix/x.y/...", "/_matrix/x.y/..."),
     ("/_matrix/.well", "/_matrix/.well"),
     ("/_matrix/x;y=1", "/_matrix/x;y=1"),
@@ -282,7 +290,8 @@ NORMALISE_BAD = [
     "/_matrix/..;/x",
     "/_matrix/.;x/y",
     "/_matrix/%2e%2e%3bx/y",
-    "/a%2f..%2fb",
+    "/a%00b",  # a terminator to some servers
+    "/_matrix/%2e.%00",
     "/a\\b",
     "\\",
     "/_matrix/%zz",
@@ -297,3 +306,39 @@ NORMALISE_BAD = [
 def test_normalise_refuses(raw: str) -> None:
     with pytest.raises(BadTarget):
         normalise(raw)
+
+
+# -- second_readings(): the path as a careless upstream would read it ------------------
+
+SECOND_READING_TABLE = [
+    # (raw path, readings: without and with merged slashes; () when none is made)
+    ("/_matrix/client/versions", ()),
+    ("/_matrix/a%2Fb", ()),  # no dot segment can appear
+    ("/_matrix/x.y/%2e%2e%2e", ("/_matrix/x.y/...", "/_matrix/x.y/...")),
+    ("/_matrix/a%2F..%2Fb", ("/_matrix/b", "/_matrix/b")),
+    ("/_matrix/a%2F.%2Fb", ("/_matrix/a/b", "/_matrix/a/b")),
+    ("/_matrix/x%2F..", ("/_matrix", "/_matrix")),
+    ("/_matrix/x//..%2Fy", ("/_matrix/x/y", "/_matrix/y")),
+    ("/_matrix/%5c..%5cy", ("/_matrix/y", "/y")),  # "/_matrix//../y"
+    ("/_matrix/a%5c..%5cy", ("/_matrix/y", "/_matrix/y")),
+    ("/_matrix/a%2F..;x%2Fy", ("/_matrix/y", "/_matrix/y")),
+    ("/_matrix%2F..%2F..%2F..", ("/", "/")),  # never above the root
+    ("/_matrix/a%2F..%2F..%2F_palpo%2Fadmin", ("/_palpo/admin", "/_palpo/admin")),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), SECOND_READING_TABLE,
+                         ids=_ids(SECOND_READING_TABLE))
+def test_second_readings(raw: str, expected: tuple[str, ...]) -> None:
+    assert second_readings(raw) == expected
+
+
+def test_second_reading_refusals_say_where_they_lead() -> None:
+    d = CLIENT.decide("GET", "/_matrix/x%2F..%2F..%2F_palpo%2Fadmin/v1/users")
+    assert d.action is Action.BAD_REQUEST and "admin" in d.reason
+    d = CLIENT.decide("GET", "/_matrix/a%2F..%2F..%2Fetc")
+    assert d.action is Action.BAD_REQUEST and "/_matrix" in d.reason
+    # The federation role forwards only /_matrix: climbing out of it is refused
+    # there too, and staying under it is not.
+    assert _decide(FEDERATION, "/_matrix/a%2F..%2F..%2F_palpo/client/x") == "bad_request"
+    assert _decide(FEDERATION, "/_matrix/key/v2/a%2F..%2Fserver") == "forward"

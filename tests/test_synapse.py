@@ -412,6 +412,12 @@ def test_send_with_escaped_txn_ids(
         ("a/b?c%dü", "a%2Fb%3Fc%25d%C3%BC"),
         ("x y+z&k=v#f", "x%20y+z%26k%3Dv%23f"),
         ("semi;colon,comma~tilde", "semi%3Bcolon%2Ccomma~tilde"),
+        # Client-chosen strings with /../ inside: quote(txn, safe="") encodes the
+        # slashes, so these are not dot segments and must reach the homeserver.
+        ("a%2Fb%20c/../d", "a%252Fb%2520c%2F..%2Fd"),
+        ("../../x", "..%2F..%2Fx"),
+        ("./y/./z", ".%2Fy%2F.%2Fz"),
+        ("tail/..", "tail%2F.."),
         (f"plain-{uuid.uuid4().hex}", None),
     ]
     sent: dict[str, str] = {}  # body -> event id
@@ -446,6 +452,28 @@ def test_send_with_escaped_txn_ids(
     assert seen == sent
     bodies_in_order = [ev["content"]["body"] for ev in reversed(page["chunk"])]
     assert bodies_in_order == list(sent)
+
+
+@pytest.mark.timeout(60)
+def test_state_keys_with_dot_segments(hs_base: HsBase, alice: User, bob: User,
+                                      shared_room: str) -> None:
+    # State keys are client-chosen strings too; one that looks like a URL with
+    # /../ in it goes on the wire as https%3A%2F%2Fexample.org%2F..%2Fx.
+    keys = ["https://example.org/../x", "../..", "a/./b/../c", f"k-{uuid.uuid4().hex[:6]}"]
+    room = q(shared_room)
+    for i, key in enumerate(keys):
+        wire = q(key)
+        assert "/" not in wire
+        put = alice.call("PUT", f"/_matrix/client/v3/rooms/{room}/state/org.example.link/{wire}",
+                         {"n": i, "key": key})
+        assert put["event_id"].startswith("$"), put
+        # Read back by the same escaped path, by another user.
+        got = bob.call("GET", f"/_matrix/client/v3/rooms/{room}/state/org.example.link/{wire}")
+        assert got == {"n": i, "key": key}
+    # The room state holds each key exactly as sent, byte for byte, and nothing else.
+    state = bob.call("GET", f"/_matrix/client/v3/rooms/{room}/state")
+    links = {ev["state_key"]: ev["content"] for ev in state if ev["type"] == "org.example.link"}
+    assert links == {key: {"n": i, "key": key} for i, key in enumerate(keys)}
 
 
 @pytest.mark.timeout(60)
