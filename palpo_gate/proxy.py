@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
@@ -127,7 +128,7 @@ class ListenerHandler:
             return _ready(web.Response(status=505, text="HTTP version not supported\n",
                                        headers={"Connection": "close"}))
         if action is Action.HEALTH:
-            resp = _health(method)
+            resp: web.StreamResponse = _health(method)
             if self.retired:
                 resp.force_close()
             if gen.metrics is not None:
@@ -146,8 +147,15 @@ class ListenerHandler:
                                decision.matrix, rid)
         elif action is Action.FORWARD or (
                 action is Action.ADMIN and _in(client, gen.allow_admin)):
-            return self._forward(request, method, target, decision.matrix, client, rid,
-                                 _ROUTE[action])
+            if method != "OPTIONS" or not decision.matrix:
+                return self._forward(request, method, target, decision.matrix, client, rid,
+                                     _ROUTE[action])
+            # A CORS preflight: browsers reject any non-2xx answer to it, so
+            # forwarding it would turn an upstream outage into a CORS failure
+            # instead of a readable 502. The Matrix client-server spec ("Web
+            # Browser Clients") has OPTIONS answered with the CORS headers and
+            # no endpoint logic, which needs nothing from the upstream.
+            resp = _PREFLIGHT.response()
         elif action is Action.ADMIN:
             resp = self._error(403, "the admin API is not reachable through this gateway",
                                True, rid)
@@ -434,3 +442,28 @@ def _health(method: str) -> web.Response:
     if method in ("GET", "HEAD"):
         return web.Response(text="OK\n")
     return web.Response(status=405, text="method not allowed\n", headers={"Allow": "GET, HEAD"})
+
+
+class _Preflight:
+    """The 204 answer to a CORS preflight, as prebuilt bytes: the CORS header
+    lines once, the Date line once a second (RFC 9110 section 6.6.1). It goes
+    out as a ProxiedResponse, which sends a header block as given: one write."""
+
+    __slots__ = ("_block", "_cors", "_second")
+
+    def __init__(self) -> None:
+        self._cors = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode())
+                              for name, value in wellknown.CORS_HEADERS)
+        self._second = -1
+        self._block = b""
+
+    def response(self) -> ProxiedResponse:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._block = b"%sDate: %s\r\n" % (self._cors,
+                                                formatdate(now, usegmt=True).encode())
+        return ProxiedResponse(204, b"No Content", self._block, None, True)
+
+
+_PREFLIGHT = _Preflight()
