@@ -396,3 +396,28 @@ async def test_50mib_upload_is_collected_with_flat_memory(up: Recorder) -> None:
     growth = peak - baseline
     print(f"\n[buffered 50 MiB] RSS growth {growth / MiB:.1f} MiB")
     assert growth < 10 * MiB, f"RSS grew by {growth / MiB:.1f} MiB"
+
+
+async def test_buffered_upload_with_the_access_log_on(up: Recorder) -> None:
+    """The access line of a buffered upload is written from the replayed request."""
+    toml = f"""
+[upstream]
+url = "http://127.0.0.1:{up.port}"
+[log]
+access = "json"
+[forwarding]
+buffer_chunked_uploads = true
+[[listeners]]
+name = "main"
+bind = "127.0.0.1:0"
+role = "client"
+"""
+    async with running_gate(toml) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            await send_chunked(conn, "POST", "/_matrix/media/v3/upload", b"q" * 10000)
+            resp = await conn.read_response()
+        finally:
+            await conn.close()
+    assert resp.status == 200, resp
+    assert up.requests[0].header_all("content-length") == [b"10000"]
