@@ -146,6 +146,9 @@ class Limits:
 class Forwarding:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     request_id_header: str = "X-Request-ID"
+    #: collect chunked media uploads and send them on with a Content-Length
+    #: (for homeservers that refuse chunked uploads; see spool.py)
+    buffer_chunked_uploads: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,12 +665,13 @@ def _read_limits(r: _Reader, raw: object) -> Limits:
 
 def _read_forwarding(r: _Reader, raw: object) -> Forwarding:
     p = "forwarding"
-    t = r.table(raw, p, ("trusted_proxies", "request_id_header"))
+    t = r.table(raw, p, ("trusted_proxies", "request_id_header", "buffer_chunked_uploads"))
     if t is None:
         return Forwarding()
     return Forwarding(
         trusted_proxies=r.list_of(t, p, "trusted_proxies", parse_cidr, ()),
         request_id_header=r.get(t, p, "request_id_header", _header_name, "X-Request-ID"),
+        buffer_chunked_uploads=r.get(t, p, "buffer_chunked_uploads", _bool, False),
     )
 
 
@@ -810,7 +814,8 @@ def dump(cfg: Config) -> str:
                        ("body_timeout", _seconds(lim.body_timeout)),
                        ("idle_timeout", _seconds(lim.idle_timeout))])
     section("forwarding", [("trusted_proxies", [str(n) for n in cfg.forwarding.trusted_proxies]),
-                           ("request_id_header", cfg.forwarding.request_id_header)])
+                           ("request_id_header", cfg.forwarding.request_id_header),
+                           ("buffer_chunked_uploads", cfg.forwarding.buffer_chunked_uploads)])
     section("log", [("level", cfg.log.level), ("access", cfg.log.access)])
     if cfg.metrics:
         section("metrics", [("bind", str(cfg.metrics.bind))])

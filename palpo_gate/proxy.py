@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from . import headers as hdr
-from . import wellknown
+from . import spool, wellknown
 from .accesslog import AccessLog
 from .config import Config, Listener
 from .errors import (
@@ -40,7 +40,7 @@ from .errors import (
 )
 from .metrics import UPSTREAM_ERROR_KIND, Registry
 from .response import ProxiedResponse
-from .routing import Action, Router
+from .routing import Action, Router, media_upload
 from .upstream import Connection, Pool
 
 log = logging.getLogger("palpo_gate")
@@ -72,6 +72,7 @@ class Generation:
         self.trusted = cfg.forwarding.trusted_proxies
         self.rid_name = cfg.forwarding.request_id_header.encode()
         self.rid_lower = self.rid_name.lower()
+        self.buffer_uploads = cfg.forwarding.buffer_chunked_uploads
         self.limits = cfg.limits
         self.read_timeout = cfg.upstream.read_timeout
 
@@ -230,9 +231,18 @@ class ListenerHandler:
         resp: web.StreamResponse | None = None
         pump: _BodyPump | None = None
         conn: Connection | None = None
+        spooled: spool.SpooledBody | None = None
         try:
-            head, has_body, chunked = self._request_head(request, method, target, client, rid)
+            head, has_body, chunked, buffer = self._request_head(request, method, target,
+                                                                client, rid)
             limits = gen.limits
+            if buffer:
+                # forwarding.buffer_chunked_uploads: the whole body first, then
+                # the head with its length and the body read back (spool.py).
+                spooled = await spool.collect(request, limits.max_body_size,
+                                              limits.body_timeout)
+                head = spool.with_length(head, spooled.size)
+                request = spool.replay(request, spooled)
             read_timeout = gen.read_timeout
             for attempt in (0, 1):
                 conn = await (gen.pool.acquire() if attempt == 0 else gen.pool.connect())
@@ -314,6 +324,8 @@ class ListenerHandler:
                 pump.cancel()
             if conn is not None:
                 conn.finish(reusable=False)
+            if spooled is not None:
+                spooled.close()
             if gen.access.enabled:
                 gen.access.write(request, self.name, client, rec, started, rid, resp)
             if metrics is not None:
@@ -322,8 +334,10 @@ class ListenerHandler:
         return resp
 
     def _request_head(self, request: web.BaseRequest, method: str, target: str, client: str,
-                      rid: bytes) -> tuple[bytes, bool, bool]:
-        """The head to send upstream, whether a body follows, whether it is chunked.
+                      rid: bytes) -> tuple[bytes, bool, bool, bool]:
+        """The head to send upstream, whether a body follows, whether it is
+        chunked, and whether it is a chunked upload to collect first (the head
+        then has no framing yet: :func:`spool.with_length` adds it).
 
         Raises the 400 / 413 of a body the gate will not take (SPEC section 3, 5).
         """
@@ -339,8 +353,11 @@ class ListenerHandler:
         limit = gen.limits.max_body_size
         if length is not None and length > limit:
             raise BodyTooLarge(f"request body over the limit of {limit} bytes")
+        buffer = False
         if chunked:
-            framing = b"Transfer-Encoding: chunked"
+            # forwarding.buffer_chunked_uploads: collected first, framed then.
+            buffer = gen.buffer_uploads and media_upload(method, target)
+            framing = b"" if buffer else b"Transfer-Encoding: chunked"
         elif length is not None:
             framing = b"Content-Length: %d" % length
         else:
@@ -360,7 +377,7 @@ class ListenerHandler:
             client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
             host=hdr.host_with_port(host, self.port, self.fallback_host),
             request_id_name=gen.rid_name, request_id=rid, framing=framing)
-        return head, has_body, chunked
+        return head, has_body, chunked and not buffer, buffer
 
 
 class _BodyPump:

@@ -242,3 +242,31 @@ class Router:
 
 def _is_matrix(path: str) -> bool:
     return _MATRIX_RE.match(path) is not None
+
+
+#: The media upload endpoints (Matrix client-server API, "Content repository"):
+#: ``POST /_matrix/media/v3/upload`` and, since v1.7, ``PUT
+#: /_matrix/media/v3/upload/{serverName}/{mediaId}``; the same under r0, v1 and
+#: MSC2246's ``unstable/fi.mau.msc2246`` before them. Authenticated media (v1.11,
+#: ``/_matrix/client/v1/media``) moved downloads there, not uploads, and
+#: ``/_matrix/media/v1/create`` has no body.
+_MEDIA_UPLOAD = {
+    "POST": re.compile(r"/_matrix/media/(?:unstable/[^/]+|[^/]+)/upload"),
+    "PUT": re.compile(r"/_matrix/media/(?:unstable/[^/]+|[^/]+)/upload/[^/]+/[^/]+"),
+}
+
+
+def media_upload(method: str, target: str) -> bool:
+    """True when *target* (raw, as the client sent it) names a media upload endpoint.
+
+    Matched on the normalised path, as every routing decision is. Only asked
+    about chunked requests when ``forwarding.buffer_chunked_uploads`` is on.
+    """
+    pattern = _MEDIA_UPLOAD.get(method)
+    if pattern is None:
+        return False
+    try:
+        path = normalise(target.split("?", 1)[0])
+    except BadTarget:
+        return False
+    return pattern.fullmatch(path) is not None

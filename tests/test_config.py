@@ -353,6 +353,8 @@ BAD_CONFIGS: list[tuple[str, str, str, str]] = [
      "forwarding.trusted_proxies[0]", "not an IP address or CIDR"),
     ("request_id_header", "[forwarding]\nrequest_id_header = 'X Request ID'\n",
      "forwarding.request_id_header", "header name"),
+    ("buffer_chunked_uploads", "[forwarding]\nbuffer_chunked_uploads = 'yes'\n",
+     "forwarding.buffer_chunked_uploads", "expected true or false"),
     ("log level", "[log]\nlevel = 'verbose'\n", "log.level", "expected one of"),
     ("log access", "[log]\naccess = 'xml'\n", "log.access", "'plain', 'json', 'off'"),
     ("metrics bind", "[metrics]\nbind = '9108'\n", "metrics.bind", "port is required"),
@@ -447,7 +449,8 @@ SPEC_DEFAULT = Config(
     admin=Admin(blocked_prefixes=("/_palpo/admin", "/_synapse/admin"), allow_from=()),
     limits=Limits(max_body_size=50 * MiB, header_timeout=30.0, body_timeout=60.0,
                   idle_timeout=75.0),
-    forwarding=Forwarding(trusted_proxies=(), request_id_header="X-Request-ID"),
+    forwarding=Forwarding(trusted_proxies=(), request_id_header="X-Request-ID",
+                          buffer_chunked_uploads=False),
     log=Log(level="info", access="plain"),
     metrics=None,
     source="<string>",
@@ -589,6 +592,7 @@ idle_timeout = "1h"
 [forwarding]
 trusted_proxies = ["172.16.0.0/12", "fd00::/8"]
 request_id_header = "X-Correlation-ID"
+buffer_chunked_uploads = true
 
 [log]
 level = "debug"
