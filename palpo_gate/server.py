@@ -161,6 +161,10 @@ class GateServer(web.Server):
         self._header_timeout = cfg.limits.header_timeout
         #: called once a retired server has no connection left
         self.on_empty: Callable[[GateServer], None] | None = None
+        #: connections whose handler task has not ended yet. aiohttp's own
+        #: list drops a connection only once its task has ended, after
+        #: connection_lost: on_empty is decided on this set instead.
+        self._live: set[web_protocol.RequestHandler] = set()
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
@@ -169,6 +173,7 @@ class GateServer(web.Server):
     def connection_made(self, handler: web_protocol.RequestHandler,
                         transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
+        self._live.add(handler)
         if self._metrics is not None:
             self._metrics.client_connection(self.handler.name, 1)
 
@@ -177,8 +182,20 @@ class GateServer(web.Server):
         super().connection_lost(handler, exc)
         if self._metrics is not None:
             self._metrics.client_connection(self.handler.name, -1)
-        if self.on_empty is not None and not self._connections:
-            self.on_empty(self)
+        # The handler task (cancelled by aiohttp right after this) may still
+        # be unwinding a request that uses this generation's pool: the
+        # connection counts until the task has ended.
+        task = handler._task_handler
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _: self._gone(handler))
+        else:
+            self._gone(handler)
+
+    def _gone(self, handler: web_protocol.RequestHandler) -> None:
+        self._live.discard(handler)
+        if self.on_empty is not None and not self._live:
+            on_empty, self.on_empty = self.on_empty, None
+            on_empty(self)
 
     def retire(self, on_empty: Callable[[GateServer], None]) -> None:
         """Serve no new connection; let open ones finish their requests.
@@ -188,8 +205,9 @@ class GateServer(web.Server):
         runs when the last one is gone.
         """
         self.handler.retired = True
-        self.on_empty = on_empty
-        if not self._connections:
+        if self._live:
+            self.on_empty = on_empty
+        else:
             on_empty(self)
 
 
