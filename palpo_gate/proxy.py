@@ -287,13 +287,14 @@ class ListenerHandler:
             rec.error = exc.log_word
             if metrics is not None and (kind := UPSTREAM_ERROR_KIND.get(type(exc))):
                 metrics.upstream_error(kind)
+            _log_detail(exc, self.name, rid)
             if rec.response is not None and rec.response.started:
                 # The response has begun: the only honest signal left is to
                 # close the connection (never a clean short body).
                 request.protocol.force_close()
                 resp = rec.response
             else:
-                resp = self._error(exc.status, exc.reason, matrix, rid,
+                resp = self._error(exc.status, exc.public, matrix, rid,
                                    close=exc.status in (400, 408, 413))
         except ConnectionError:
             # The client went away mid-response: not an error of anyone's.
@@ -326,7 +327,8 @@ class ListenerHandler:
         te = request.headers.get("Transfer-Encoding")
         chunked = te is not None
         if chunked and te.strip().lower() != "chunked":  # type: ignore[union-attr]
-            raise BadRequestBody("only Transfer-Encoding: chunked is accepted")
+            msg = "only Transfer-Encoding: chunked is accepted"
+            raise BadRequestBody(msg, public=msg)
         length = request.content_length
         limit = gen.limits.max_body_size
         if length is not None and length > limit:
@@ -417,6 +419,22 @@ class _Record:
         self.bytes_out = 0
         self.error = ""
         self.response: ProxiedResponse | None = None
+
+
+def _log_detail(exc: GateError, listener: str, rid: bytes) -> None:
+    """The detail of a failure, with the request id that ties it to the access
+    line. The client was told ``exc.public`` only: the detail may name the
+    upstream's address or quote a parser."""
+    if exc.status >= 500:
+        level = logging.WARNING
+    elif exc.public != exc.reason:
+        level = logging.INFO
+    else:
+        return  # the client was told all there is; the access line has the word
+    # Escaped: a parser's message may quote what the peer sent.
+    detail = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in exc.reason)
+    log.log(level, "%s: %s (listener=%s rid=%s)", exc.log_word, detail, listener,
+            rid.decode())
 
 
 async def _ready(resp: web.StreamResponse) -> web.StreamResponse:

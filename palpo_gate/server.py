@@ -34,6 +34,7 @@ from .config import Bind, Config, ConfigError, Listener
 from .errors import error_body
 from .metrics import Registry
 from .proxy import Generation, ListenerHandler
+from .routing import _is_matrix
 from .wellknown import CORS_HEADERS
 
 log = logging.getLogger("palpo_gate")
@@ -109,7 +110,7 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         CORS headers (a browser sees the status, not a CORS failure), logged
         quietly (any client can send them), the connection closed."""
         if status != 400 or not isinstance(exc, http_exceptions.HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
+            return _plain_error(request, super().handle_error(request, status, exc, message))
         if isinstance(exc, http_exceptions.LineTooLong):
             status = 414 if exc.args[1] == MAX_LINE_SIZE else 431
             reason = "request line too long" if status == 414 else "header field too long"
@@ -137,6 +138,32 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
+
+
+def _plain_error(request: Any, page: web.StreamResponse) -> web.Response:
+    """A gate-made answer in place of aiohttp's own error *page* (which has
+    logged the exception): its text names aiohttp and, in debug mode, holds a
+    traceback. Matrix JSON with CORS on Matrix paths, as every gate error."""
+    status = page.status
+    matrix = _is_matrix(request.path)
+    body, ctype = error_body(status, "internal error" if status >= 500 else "bad request",
+                             matrix)
+    resp = web.Response(status=status, body=body, headers={"Content-Type": ctype})
+    if matrix:
+        resp.headers.extend(CORS_HEADERS)
+    resp.force_close()
+    return resp
+
+
+class _GateRequest(web.BaseRequest):
+    """A request whose gate-made responses name no software: aiohttp gives
+    every response it frames ``Server: Python/3.x aiohttp/3.y``
+    (``StreamResponse._prepare_headers``), and this hook runs after that,
+    before the head is written. Forwarded responses frame themselves
+    (:mod:`response`) and never pass here: their ``Server`` is the upstream's."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        response.headers.popall("Server", None)
 
 
 class GateServer(web.Server):
@@ -169,6 +196,10 @@ class GateServer(web.Server):
     def __call__(self) -> web_protocol.RequestHandler:
         return _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
                                     **self._kwargs)
+
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                      task: Any) -> web.BaseRequest:
+        return _GateRequest(message, payload, protocol, writer, task, self._loop)
 
     def connection_made(self, handler: web_protocol.RequestHandler,
                         transport: asyncio.Transport) -> None:

@@ -1,0 +1,172 @@
+"""Policy at the edges, over real sockets: what gate-made answers reveal (no
+upstream address, parser message or software name), which methods pass,
+which request headers never do, when ``100 Continue`` is sent, and client
+addresses behind a frontend on a UNIX socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import socket
+
+import pytest
+from conftest import gate_toml, port_of, running_gate
+from support.client import Conn, Resp, fetch, get
+from support.recorder import Recorder, Req, recorder
+from test_forwarding import assert_matrix_error, raw
+
+from palpo_gate import proxy
+
+RID = "policy-rid-1"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _assert_reveals_nothing(resp: Resp, *secrets: str) -> None:
+    """Neither the body nor any header names the upstream or the software."""
+    assert resp.header("Server") is None, resp.headers
+    texts = [resp.body.decode("latin-1")] + [v.decode("latin-1") for _, v in resp.headers]
+    for text in texts:
+        for word in ("aiohttp", "Python", "httptools", "llhttp", *secrets):
+            assert word not in text, (word, text)
+
+
+def _detail_logged(caplog: pytest.LogCaptureFixture, level: int, *words: str) -> None:
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "palpo_gate" and r.levelno == level]
+    assert any(all(w in line for w in words) for line in lines), lines
+
+
+# ---------------------------------------------------------------------------
+# Item: error bodies and headers reveal no internals
+
+
+async def test_a_refused_upstream_is_a_generic_502_and_the_detail_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "palpo_gate")
+    port = _closed_port()
+    async with running_gate(gate_toml(f"http://127.0.0.1:{port}")) as gate:
+        r = await fetch(port_of(gate), get("/_matrix/client/versions",
+                                           extra=f"X-Request-ID: {RID}\r\n"))
+    assert_matrix_error(r, 502)
+    assert r.json() == {"errcode": "M_UNKNOWN", "error": "upstream unavailable"}
+    _assert_reveals_nothing(r, str(port), "127.0.0.1", "refused")
+    _detail_logged(caplog, logging.WARNING, "upstream_connect_error", f"127.0.0.1:{port}",
+                   f"rid={RID}")
+
+
+async def test_a_missing_upstream_socket_path_is_not_shown(
+        tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "palpo_gate")
+    path = str(tmp_path / "palpo-secret.sock")
+    async with running_gate(gate_toml(f"unix:{path}")) as gate:
+        r = await fetch(port_of(gate), get("/_matrix/x", extra=f"X-Request-ID: {RID}\r\n"))
+    assert_matrix_error(r, 502)
+    _assert_reveals_nothing(r, "palpo-secret", str(tmp_path))
+    _detail_logged(caplog, logging.WARNING, "upstream_connect_error", path, f"rid={RID}")
+
+
+async def test_an_unparsable_upstream_response_hides_the_parser_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "palpo_gate")
+
+    async def garbage(req: Req, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nBad Header Name: x\r\n\r\n")
+
+    async with recorder() as up:
+        up.handler = garbage
+        async with running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+            r = await fetch(port_of(gate), get("/_matrix/x", extra=f"X-Request-ID: {RID}\r\n"))
+    assert_matrix_error(r, 502)
+    assert r.json()["error"] == "invalid response from upstream"  # type: ignore[index]
+    _assert_reveals_nothing(r, "Invalid", "header")
+    _detail_logged(caplog, logging.WARNING, "upstream_broken", "Invalid", f"rid={RID}")
+
+
+async def test_a_slow_upstream_is_a_generic_504() -> None:
+    async def silent(req: Req, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async with recorder() as up:
+        up.handler = silent
+        url = f"http://127.0.0.1:{up.port}"
+        toml = gate_toml(url).replace(f'url = "{url}"', f'url = "{url}"\nread_timeout = "300ms"')
+        async with running_gate(toml) as gate:
+            r = await fetch(port_of(gate), get("/_matrix/x"))
+    assert_matrix_error(r, 504)
+    assert r.json()["error"] == "upstream timed out"  # type: ignore[index]
+    _assert_reveals_nothing(r)
+
+
+async def test_a_malformed_request_body_hides_the_parser_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "palpo_gate")
+    async def hold(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async with recorder() as up:
+        up.handler = hold
+        async with running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                # The head and a first chunk are forwarded; then a chunk size
+                # that is not hex, in the middle of the body being forwarded.
+                await conn.send(raw("POST", "/_matrix/x", [
+                    ("Transfer-Encoding", "chunked"), ("X-Request-ID", RID)],
+                    b"5\r\nhello\r\n"))
+                await up.wait_requests(1)
+                await conn.send(b"ZZ\r\n")
+                r = await conn.read_response()
+            finally:
+                await conn.close()
+    assert_matrix_error(r, 400)
+    assert r.json()["error"] == "invalid request body"  # type: ignore[index]
+    _assert_reveals_nothing(r, "chunk", "ZZ")
+    _detail_logged(caplog, logging.INFO, "bad_request_body", f"rid={RID}")
+
+
+async def test_gate_made_answers_carry_no_server_header(up: Recorder) -> None:
+    async with running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        answers = [
+            await fetch(port, get("/health")),
+            await fetch(port, get("/nowhere")),
+            await fetch(port, get("/_matrix/x", method="CONNECT")),
+            await fetch(port, get("*", method="OPTIONS")),
+            await fetch(port, b"GET /_matrix/\x01 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            await fetch(port, get("/_palpo/admin/x")),
+        ]
+    assert [a.status for a in answers] == [200, 404, 405, 200, 400, 403]
+    for a in answers:
+        _assert_reveals_nothing(a)
+
+
+async def test_an_unexpected_failure_is_a_generic_500(
+        up: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the gate: aiohttp's own page (its name, a traceback in debug
+    mode) is replaced by a gate-made 500, Matrix JSON on Matrix paths."""
+    def broken(*args: object) -> None:
+        raise RuntimeError("secret state of a bug")
+
+    monkeypatch.setattr(proxy.ListenerHandler, "_host_allowed", broken)
+    async with running_gate(gate_toml(f"http://127.0.0.1:{up.port}",
+                                      listener='hosts = ["gate.test"]')) as gate:
+        r = await fetch(port_of(gate), get("/_matrix/x", extra="Accept: text/html\r\n"))
+        r2 = await fetch(port_of(gate), get("/elsewhere"))
+    assert_matrix_error(r, 500)
+    assert r2.status == 500 and r2.header("Content-Type") == "text/plain; charset=utf-8"
+    for resp in (r, r2):
+        _assert_reveals_nothing(resp, "secret", "Traceback", "Internal Server Error")
+
+
+@pytest.fixture
+async def up() -> Recorder:  # type: ignore[misc]
+    async with recorder() as rec:
+        yield rec
