@@ -142,9 +142,15 @@ class Limits:
     idle_timeout: float = 75.0
 
 
+#: The ``trusted_proxies`` entry for every peer of a UNIX-socket listener
+#: (nginx's ``set_real_ip_from unix:``): such a peer has no address to match.
+UNIX_PEER = "unix:"
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarding:
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: networks, and UNIX_PEER when it was listed
+    trusted_proxies: tuple[IPNetwork | str, ...] = ()
     request_id_header: str = "X-Request-ID"
 
 
@@ -325,6 +331,19 @@ def parse_cidr(value: object) -> IPNetwork:
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise _Bad(f"{value!r} is not an IP address or CIDR") from None
+
+
+def parse_trusted_proxy(value: object) -> IPNetwork | str:
+    """A CIDR, or ``"unix:"`` for the peers of UNIX-socket listeners."""
+    if value == UNIX_PEER:
+        return UNIX_PEER
+    if isinstance(value, str) and value.startswith("unix:"):
+        raise _Bad(f"{value!r}: write \"unix:\" alone (it trusts the peers of every "
+                   "UNIX-socket listener; a socket path cannot name one)")
+    try:
+        return parse_cidr(value)
+    except _Bad as exc:
+        raise _Bad(f"{exc} (or \"unix:\" for peers on a UNIX-socket listener)") from None
 
 
 def parse_prefix(value: object) -> str:
@@ -666,7 +685,7 @@ def _read_forwarding(r: _Reader, raw: object) -> Forwarding:
     if t is None:
         return Forwarding()
     return Forwarding(
-        trusted_proxies=r.list_of(t, p, "trusted_proxies", parse_cidr, ()),
+        trusted_proxies=r.list_of(t, p, "trusted_proxies", parse_trusted_proxy, ()),
         request_id_header=r.get(t, p, "request_id_header", _header_name, "X-Request-ID"),
     )
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from . import headers as hdr
 from . import wellknown
 from .accesslog import AccessLog
-from .config import Config, Listener
+from .config import UNIX_PEER, Config, Listener
 from .errors import (
     BadHost,
     BadRequestBody,
@@ -68,7 +68,10 @@ class Generation:
         self.documents = wellknown.build(cfg.well_known) if cfg.well_known else None
         self.access = AccessLog(cfg.log.access)
         self.allow_admin = cfg.admin.allow_from
-        self.trusted = cfg.forwarding.trusted_proxies
+        trusted = cfg.forwarding.trusted_proxies
+        self.trusted = tuple(n for n in trusted if not isinstance(n, str))
+        #: peers on UNIX-socket listeners are trusted proxies ("unix:" listed)
+        self.trust_unix = UNIX_PEER in trusted
         self.rid_name = cfg.forwarding.request_id_header.encode()
         self.rid_lower = self.rid_name.lower()
         self.limits = cfg.limits
@@ -351,7 +354,8 @@ class ListenerHandler:
             raise BadHost("invalid Host header")
         head = hdr.build_request_head(
             method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
-            client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
+            client_addr=client, proto=self.proto,
+            peer_trusted=gen.trust_unix if client == UNIX_PEER else _in(client, gen.trusted),
             host=hdr.host_with_port(host, self.port, self.fallback_host),
             request_id_name=gen.rid_name, request_id=rid, framing=framing)
         return head, has_body, chunked

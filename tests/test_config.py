@@ -351,6 +351,15 @@ BAD_CONFIGS: list[tuple[str, str, str, str]] = [
      "invalid duration"),
     ("trusted proxy", "[forwarding]\ntrusted_proxies = ['proxy.local']\n",
      "forwarding.trusted_proxies[0]", "not an IP address or CIDR"),
+    ("trusted proxy hint", "[forwarding]\ntrusted_proxies = ['unix']\n",
+     "forwarding.trusted_proxies[0]", '(or "unix:" for peers on a UNIX-socket listener)'),
+    ("trusted proxy socket path",
+     "[forwarding]\ntrusted_proxies = ['10.0.0.0/8', 'unix:/run/nginx.sock']\n",
+     "forwarding.trusted_proxies[1]", 'write "unix:" alone'),
+    ("trusted proxy UNIX in caps", "[forwarding]\ntrusted_proxies = ['UNIX:']\n",
+     "forwarding.trusted_proxies[0]", "not an IP address or CIDR"),
+    ("trusted proxy number", "[forwarding]\ntrusted_proxies = [10]\n",
+     "forwarding.trusted_proxies[0]", "expected a CIDR string"),
     ("request_id_header", "[forwarding]\nrequest_id_header = 'X Request ID'\n",
      "forwarding.request_id_header", "header name"),
     ("log level", "[log]\nlevel = 'verbose'\n", "log.level", "expected one of"),
@@ -505,7 +514,7 @@ allow_from = ["127.0.0.1", "10.1.2.3/8", "::1"]
 max_body_size = "100MB"
 header_timeout = "500ms"
 [forwarding]
-trusted_proxies = ["172.16.0.0/12"]
+trusted_proxies = ["172.16.0.0/12", "unix:"]
 """)
     assert cfg.upstream.kind == "unix" and cfg.upstream.path == "/run/palpo/palpo.sock"
     assert cfg.upstream.read_timeout == 120.0
@@ -516,7 +525,8 @@ trusted_proxies = ["172.16.0.0/12"]
                                     ipaddress.ip_network("::1/128"))
     assert cfg.limits.max_body_size == 100_000_000
     assert cfg.limits.header_timeout == 0.5
-    assert cfg.forwarding.trusted_proxies == (ipaddress.ip_network("172.16.0.0/12"),)
+    assert cfg.forwarding.trusted_proxies == (ipaddress.ip_network("172.16.0.0/12"),
+                                              configmod.UNIX_PEER)
 
 
 # -- dump() round trip -------------------------------------------------------------------
@@ -587,7 +597,7 @@ body_timeout = 2.5
 idle_timeout = "1h"
 
 [forwarding]
-trusted_proxies = ["172.16.0.0/12", "fd00::/8"]
+trusted_proxies = ["172.16.0.0/12", "unix:", "fd00::/8"]
 request_id_header = "X-Correlation-ID"
 
 [log]

@@ -170,3 +170,62 @@ async def test_an_unexpected_failure_is_a_generic_500(
 async def up() -> Recorder:  # type: ignore[misc]
     async with recorder() as rec:
         yield rec
+
+
+# ---------------------------------------------------------------------------
+# Item: client addresses behind a frontend on a UNIX socket
+
+
+def _unix_toml(up: Recorder, sock: str, trusted: str) -> str:
+    return f"""
+[upstream]
+url = "http://127.0.0.1:{up.port}"
+[log]
+access = "off"
+[forwarding]
+trusted_proxies = [{trusted}]
+[[listeners]]
+name = "main"
+bind = "127.0.0.1:0"
+[[listeners]]
+name = "front"
+bind = "unix:{sock}"
+"""
+
+
+FRONTEND_SENT = [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-Proto", "https"),
+                 ("X-Real-IP", "198.51.100.1")]
+
+
+@pytest.mark.parametrize("trusted", ['"unix:"', '"unix:", "10.0.0.0/8"'])
+async def test_a_trusted_frontend_on_a_unix_socket_passes_the_client_on(
+        up: Recorder, tmp_path: pathlib.Path, trusted: str) -> None:
+    sock = str(tmp_path / "front.sock")
+    async with running_gate(_unix_toml(up, sock, trusted)) as gate:
+        r = await fetch(0, raw("GET", "/_matrix/a", FRONTEND_SENT), unix=sock)
+        assert r.status == 200
+        # a TCP peer that is not listed gets no such trust
+        r2 = await fetch(port_of(gate), raw("GET", "/_matrix/b", FRONTEND_SENT))
+        assert r2.status == 200
+    front, direct = up.requests
+    assert front.header_all("x-forwarded-for") == [b"198.51.100.1"]  # nothing appended
+    assert front.header_all("x-forwarded-proto") == [b"https"]  # the frontend's scheme
+    assert front.header_all("x-real-ip") == [b"198.51.100.1"]
+    assert direct.header_all("x-forwarded-for") == [b"127.0.0.1"]
+    assert direct.header_all("x-forwarded-proto") == [b"http"]
+    assert direct.header_all("x-real-ip") == []
+
+
+async def test_an_untrusted_unix_socket_peer_sends_no_forwarded_for(
+        up: Recorder, tmp_path: pathlib.Path) -> None:
+    sock = str(tmp_path / "front.sock")
+    async with running_gate(_unix_toml(up, sock, '"127.0.0.1/32"')) as gate:
+        r = await fetch(0, raw("GET", "/_matrix/a", FRONTEND_SENT), unix=sock)
+        r2 = await fetch(0, get("/_matrix/b"), unix=sock)
+        assert r.status == r2.status == 200
+        assert port_of(gate)
+    for req in up.requests:
+        # neither the client's made-up address nor nginx's "unix:"
+        assert req.header_all("x-forwarded-for") == [], req.head
+        assert req.header_all("x-forwarded-proto") == [b"http"]
+        assert b"unix:" not in req.head and b"198.51.100.1" not in req.head
