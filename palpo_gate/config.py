@@ -708,6 +708,26 @@ def _read_metrics(r: _Reader, raw: object) -> Metrics | None:
     return Metrics(bind=bind)
 
 
+def _check_metrics_bind(r: _Reader, bind: Bind | None, raw_listeners: object) -> None:
+    """The metrics endpoint cannot share a listener's socket: one of the two
+    would fail to bind, or (systemd) both would serve one socket."""
+    if bind is None or (bind.kind == "tcp" and bind.port == 0):
+        return
+    if raw_listeners is None:
+        raw_listeners = tomllib.loads(DEFAULT_CONFIG_TOML)["listeners"]
+    if not isinstance(raw_listeners, list):
+        return
+    for i, item in enumerate(raw_listeners):
+        if not isinstance(item, dict):
+            continue
+        try:
+            other = parse_bind(item.get("bind"))
+        except _Bad:
+            continue  # reported with the listener
+        if other == bind:
+            r.error("metrics.bind", f"{bind} is also listeners[{i}].bind")
+
+
 _SECTIONS = ("server", "upstream", "listeners", "well_known", "admin", "limits",
              "forwarding", "log", "metrics")
 
@@ -730,6 +750,8 @@ def from_dict(doc: dict[str, Any], source: str = "<dict>") -> Config:
         metrics=_read_metrics(r, doc["metrics"]) if "metrics" in doc else None,
         source=source,
     )
+    if cfg.metrics is not None:
+        _check_metrics_bind(r, cfg.metrics.bind, doc.get("listeners"))
     if r.errors:
         raise ConfigError(r.errors)
     return cfg
