@@ -39,7 +39,7 @@ from .errors import (
 )
 from .metrics import UPSTREAM_ERROR_KIND, Registry
 from .response import ProxiedResponse
-from .routing import Action, Router
+from .routing import ALLOW, Action, Router
 from .upstream import Connection, Pool
 
 log = logging.getLogger("palpo_gate")
@@ -161,9 +161,9 @@ class ListenerHandler:
                                decision.matrix, rid, close=True)
         elif action is Action.METHOD_NOT_ALLOWED:
             resp = self._error(405, decision.reason, decision.matrix, rid)
+            resp.headers["Allow"] = ALLOW
         elif action is Action.OPTIONS_ASTERISK:
-            resp = web.Response(status=200, headers={
-                "Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS"})
+            resp = web.Response(status=200, headers={"Allow": ALLOW})
         else:
             resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
         if self.retired:
@@ -343,15 +343,16 @@ class ListenerHandler:
         else:
             framing = b""
         has_body = chunked or bool(length)
-        if has_body and request.version >= (1, 1):
-            expect = request.headers.get("Expect")
-            if expect is not None and expect.lower() == "100-continue":
-                # web.Server never answers Expect itself; the size check above
-                # has passed, so invite the body now (RFC 9110 section 10.1.1).
-                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
         host = hdr.header_value(raw_headers, b"host")
         if host is not None and not hdr.valid_host(host):
             raise BadHost("invalid Host header")
+        if has_body and request.version >= (1, 1):
+            expect = request.headers.get("Expect")
+            if expect is not None and expect.lower() == "100-continue":
+                # web.Server never answers Expect itself; the request has
+                # passed every check of its head (size, Host), so invite the
+                # body now (RFC 9110 section 10.1.1), never before a refusal.
+                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
         head = hdr.build_request_head(
             method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
             client_addr=client, proto=self.proto,

@@ -229,3 +229,66 @@ async def test_an_untrusted_unix_socket_peer_sends_no_forwarded_for(
         assert req.header_all("x-forwarded-for") == [], req.head
         assert req.header_all("x-forwarded-proto") == [b"http"]
         assert b"unix:" not in req.head and b"198.51.100.1" not in req.head
+
+
+# ---------------------------------------------------------------------------
+# Item: methods, httpoxy, 100 Continue
+
+
+async def test_trace_and_webdav_methods_are_refused_not_forwarded(up: Recorder) -> None:
+    async with running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        trace = await fetch(port, raw("TRACE", "/_matrix/client/versions",
+                                      [("Cookie", "session=secret")]))
+        propfind = await fetch(port, raw("PROPFIND", "/_matrix/media/v3/download/hs/m",
+                                         [("Depth", "1")]))
+        patch = await fetch(port, raw("PATCH", "/_matrix/client/x", [("Content-Length", "2")],
+                                      b"{}"))
+        elsewhere = await fetch(port, raw("TRACE", "/index.html"))
+        asterisk = await fetch(port, raw("OPTIONS", "*"))
+        allowed = await fetch(port, raw("DELETE", "/_matrix/client/x"))
+    for resp in (trace, propfind, patch):
+        assert_matrix_error(resp, 405, "M_UNRECOGNIZED")
+        assert resp.header("Allow") == "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+    assert b"secret" not in trace.body
+    assert elsewhere.status == 405 and elsewhere.body.startswith(b"405 ")
+    assert elsewhere.header("Allow") == "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+    assert (asterisk.status, asterisk.header("Allow")) == (
+        200, "GET, HEAD, POST, PUT, DELETE, OPTIONS")
+    assert allowed.status == 200
+    assert [r.method for r in up.requests] == [b"DELETE"]
+
+
+async def test_the_httpoxy_proxy_header_is_not_forwarded(up: Recorder) -> None:
+    async with running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        r = await fetch(port_of(gate), raw("GET", "/_matrix/x", [
+            ("Proxy", "http://evil.example:3128"), ("proxy", "x"), ("Accept", "*/*")]))
+    assert r.status == 200
+    [req] = up.requests
+    assert req.header_all("proxy") == [] and b"evil.example" not in req.head
+    assert req.header_all("accept") == [b"*/*"]
+
+
+async def test_100_continue_only_after_the_host_is_validated(up: Recorder) -> None:
+    async with running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            await conn.send(raw("PUT", "/_matrix/client/x", [
+                ("Content-Length", "5"), ("Expect", "100-continue")], host="a/b@c"))
+            # The first head on the wire is the 400: no "100 Continue" before it.
+            first = await conn.reader.readuntil(b"\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 400 "), first
+        finally:
+            await conn.close()
+        # A valid Host still gets its 100 Continue and the body forwarded.
+        conn = await Conn.open(port_of(gate))
+        try:
+            await conn.send(raw("PUT", "/_matrix/client/y", [
+                ("Content-Length", "5"), ("Expect", "100-continue")]))
+            interim = await conn.reader.readuntil(b"\r\n\r\n")
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await conn.send(b"hello")
+            assert (await conn.read_response()).status == 200
+        finally:
+            await conn.close()
+    assert [r.target for r in up.requests] == [b"/_matrix/client/y"]
