@@ -356,7 +356,8 @@ def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
 
 
 def _slot_key(lst: Listener) -> tuple[str, bool]:
-    """Listeners with equal keys can share a listening socket across a reload."""
+    """Listeners with equal keys share a listening socket and its server across
+    a reload; a key that differs only in TLS keeps the socket, not the server."""
     return str(lst.bind), lst.tls is not None
 
 
@@ -450,7 +451,10 @@ class Gate:
         try:
             for i, lst in enumerate(cfg.listeners):
                 key = _slot_key(lst)
-                slot = reusable.pop(key, None)
+                # TLS added or removed on the same bind: the socket is ours
+                # already (binding it again would fail); _commit gives it a
+                # new server.
+                slot = reusable.pop(key, None) or reusable.pop((key[0], not key[1]), None)
                 if slot is None:
                     try:
                         sock = bind_socket(lst.bind, self._passed, reuse_port=self._reuse_port)
@@ -472,6 +476,20 @@ class Gate:
         """Point every slot at *gen*; start servers for new sockets."""
         for lst in cfg.listeners:
             slot = slots[lst.name]
+            key = _slot_key(lst)
+            if slot.server is not None and slot.key != key:
+                # TLS on or off: asyncio fixes it per server. The new server
+                # takes a duplicate of the socket, so it never stops listening
+                # (connections queued meanwhile are accepted by the new
+                # server); the old one stops accepting, its open connections
+                # finish as they are.
+                sock = slot.sock.dup()
+                sock.setblocking(False)
+                slot.server.close()
+                slot.sock, slot.server, slot.context = sock, None, None
+                log.info("listener %s: now %s TLS, on the same socket", lst.name,
+                         "with" if lst.tls else "without")
+            slot.key = key
             handler = ListenerHandler(gen, lst)
             handler.bound(slot.sock.getsockname())
             slot.listener = lst

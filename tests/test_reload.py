@@ -265,3 +265,44 @@ async def test_reloads_across_keep_alive_connections_leak_nothing() -> None:
                 await asyncio.sleep(0.05)
             assert up.connections - up.closed_connections <= 1
             assert _open_fds() <= fds_before + 2
+
+
+async def test_a_reload_turns_tls_on_and_off_on_the_same_bind(
+        tls_files: dict[str, str]) -> None:
+    ctx = ssl.create_default_context(cafile=tls_files["ca"])
+    tls = (f'[listeners.tls]\ncert = "{tls_files["default_cert"]}"\n'
+           f'key = "{tls_files["default_key"]}"')
+    async with recorder() as up:
+        port = _free_port()
+        plain_toml, tls_toml = _toml(up.port, port), _toml(up.port, port, listeners=tls)
+        async with running_gate(plain_toml) as gate:
+            held = await Conn.open(port)
+            try:
+                assert (await held.request(get("/_matrix/1"))).status == 200
+
+                await gate.reload(configmod.loads(tls_toml))  # no "address already in use"
+
+                assert gate.generation == 2
+                assert gate.addresses()["main"][1] == port
+                conn = await Conn.open(port, ssl=ctx, server_hostname="localhost")
+                try:
+                    assert (await conn.request(get("/_matrix/2"))).status == 200
+                finally:
+                    await conn.close()
+                # A plain request on a new connection is not served any more.
+                try:
+                    plain = (await fetch(port, get("/_matrix/plain"))).status
+                except Exception as exc:  # a TLS alert is no HTTP: any failure will do
+                    plain = type(exc).__name__
+                assert plain != 200
+                # The plain connection opened before is served to its end.
+                r = await held.request(get("/_matrix/3"))
+                assert r.status == 200 and r.header("Connection") == "close"
+            finally:
+                await held.close()
+
+            await gate.reload(configmod.loads(plain_toml))  # and off again
+            assert (await fetch(port, get("/_matrix/4"))).status == 200
+            assert gate.contexts == {}
+        assert [r.target for r in up.requests] == [
+            b"/_matrix/1", b"/_matrix/2", b"/_matrix/3", b"/_matrix/4"]
