@@ -485,6 +485,9 @@ class Gate:
                 # finish as they are.
                 sock = slot.sock.dup()
                 sock.setblocking(False)
+                for name, passed in self._passed.items():
+                    if passed is slot.sock:  # systemd's or the supervisor's
+                        self._passed[name] = sock
                 slot.server.close()
                 slot.sock, slot.server, slot.context = sock, None, None
                 log.info("listener %s: now %s TLS, on the same socket", lst.name,
