@@ -142,9 +142,15 @@ class Limits:
     idle_timeout: float = 75.0
 
 
+#: The ``trusted_proxies`` entry for every peer of a UNIX-socket listener
+#: (nginx's ``set_real_ip_from unix:``): such a peer has no address to match.
+UNIX_PEER = "unix:"
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarding:
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: networks, and UNIX_PEER when it was listed
+    trusted_proxies: tuple[IPNetwork | str, ...] = ()
     request_id_header: str = "X-Request-ID"
     #: collect chunked media uploads and send them on with a Content-Length
     #: (for homeservers that refuse chunked uploads; see spool.py)
@@ -328,6 +334,19 @@ def parse_cidr(value: object) -> IPNetwork:
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise _Bad(f"{value!r} is not an IP address or CIDR") from None
+
+
+def parse_trusted_proxy(value: object) -> IPNetwork | str:
+    """A CIDR, or ``"unix:"`` for the peers of UNIX-socket listeners."""
+    if value == UNIX_PEER:
+        return UNIX_PEER
+    if isinstance(value, str) and value.startswith("unix:"):
+        raise _Bad(f"{value!r}: write \"unix:\" alone (it trusts the peers of every "
+                   "UNIX-socket listener; a socket path cannot name one)")
+    try:
+        return parse_cidr(value)
+    except _Bad as exc:
+        raise _Bad(f"{exc} (or \"unix:\" for peers on a UNIX-socket listener)") from None
 
 
 def parse_prefix(value: object) -> str:
@@ -669,7 +688,7 @@ def _read_forwarding(r: _Reader, raw: object) -> Forwarding:
     if t is None:
         return Forwarding()
     return Forwarding(
-        trusted_proxies=r.list_of(t, p, "trusted_proxies", parse_cidr, ()),
+        trusted_proxies=r.list_of(t, p, "trusted_proxies", parse_trusted_proxy, ()),
         request_id_header=r.get(t, p, "request_id_header", _header_name, "X-Request-ID"),
         buffer_chunked_uploads=r.get(t, p, "buffer_chunked_uploads", _bool, False),
     )
@@ -691,6 +710,26 @@ def _read_metrics(r: _Reader, raw: object) -> Metrics | None:
         return None
     bind = r.get(t, "metrics", "bind", parse_bind, Bind("tcp", "127.0.0.1", 9108))
     return Metrics(bind=bind)
+
+
+def _check_metrics_bind(r: _Reader, bind: Bind | None, raw_listeners: object) -> None:
+    """The metrics endpoint cannot share a listener's socket: one of the two
+    would fail to bind, or (systemd) both would serve one socket."""
+    if bind is None or (bind.kind == "tcp" and bind.port == 0):
+        return
+    if raw_listeners is None:
+        raw_listeners = tomllib.loads(DEFAULT_CONFIG_TOML)["listeners"]
+    if not isinstance(raw_listeners, list):
+        return
+    for i, item in enumerate(raw_listeners):
+        if not isinstance(item, dict):
+            continue
+        try:
+            other = parse_bind(item.get("bind"))
+        except _Bad:
+            continue  # reported with the listener
+        if other == bind:
+            r.error("metrics.bind", f"{bind} is also listeners[{i}].bind")
 
 
 _SECTIONS = ("server", "upstream", "listeners", "well_known", "admin", "limits",
@@ -715,6 +754,8 @@ def from_dict(doc: dict[str, Any], source: str = "<dict>") -> Config:
         metrics=_read_metrics(r, doc["metrics"]) if "metrics" in doc else None,
         source=source,
     )
+    if cfg.metrics is not None:
+        _check_metrics_bind(r, cfg.metrics.bind, doc.get("listeners"))
     if r.errors:
         raise ConfigError(r.errors)
     return cfg

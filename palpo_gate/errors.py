@@ -4,6 +4,11 @@ one body and one log word here (SPEC section 5).
 Upstream failures are raised as :class:`GateError` subclasses anywhere in the
 IO shell and turned into a response only by :func:`error_body` and the proxy's
 single ``except GateError`` clause. A client that disconnects is not an error.
+
+What the client reads and what the log gets differ: the detail of an
+upstream failure names the upstream's URL or socket path and carries parser
+messages, so the client is told a fixed text per class (``generic``) and the
+detail goes to the log with the request id.
 """
 
 from __future__ import annotations
@@ -27,14 +32,22 @@ ERRCODES: dict[int, str] = {
 
 
 class GateError(Exception):
-    """A failure the gate answers with *status*; *reason* is shown to the client."""
+    """A failure the gate answers with *status*.
+
+    *reason* is the detail, for the log; *public* is what the client is told:
+    given, else the class's ``generic`` text, else the detail itself (for
+    failures whose detail only describes the client's own request).
+    """
 
     status = 502
     log_word = "error"
+    #: the client's text for every instance of the class; None: the detail
+    generic: str | None = None
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, public: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.public = public or self.generic or reason
 
 
 class UpstreamUnavailable(GateError):
@@ -42,11 +55,13 @@ class UpstreamUnavailable(GateError):
 
     status = 502
     log_word = "upstream_connect_error"
+    generic = "upstream unavailable"
 
 
 class UpstreamConnectTimeout(GateError):
     status = 504
     log_word = "upstream_connect_timeout"
+    generic = "upstream timed out"
 
 
 class UpstreamTimeout(GateError):
@@ -54,6 +69,7 @@ class UpstreamTimeout(GateError):
 
     status = 504
     log_word = "upstream_timeout"
+    generic = "upstream timed out"
 
 
 class UpstreamBroken(GateError):
@@ -62,6 +78,7 @@ class UpstreamBroken(GateError):
 
     status = 502
     log_word = "upstream_broken"
+    generic = "invalid response from upstream"
 
 
 class BodyTooLarge(GateError):
@@ -90,8 +107,10 @@ class BadHost(GateError):
 
 
 class BadRequestBody(GateError):
+    # The detail may be the HTTP parser's message, quoting the bytes it choked on.
     status = 400
     log_word = "bad_request_body"
+    generic = "invalid request body"
 
 
 def error_body(status: int, reason: str, matrix: bool) -> tuple[bytes, str]:

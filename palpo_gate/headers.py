@@ -4,10 +4,17 @@ This module owns which headers cross the gate and which the gate sets:
 - hop-by-hop headers, and every header named in ``Connection``, are removed
   in both directions *before* anything is added (RFC 9110 section 7.6.1);
 - ``X-Forwarded-For``, ``X-Forwarded-Proto``, ``Host`` and the request-id
-  header are set by the gate, replacing whatever the client sent;
+  header are set by the gate, replacing whatever the client sent; from a
+  trusted proxy, its ``X-Forwarded-For`` chain is kept (the peer's address
+  appended) and so is its ``X-Forwarded-Proto`` when it is http or https;
+- X-Forwarded-For only ever gains IP addresses: a peer on a UNIX socket has
+  none, so nothing is appended for it (and without a trusted chain the
+  header is not sent at all) where nginx would write ``unix:``;
 - other forwarding headers the client may have made up (``Forwarded``,
   ``X-Real-IP``, ``X-Forwarded-Host``, ``X-Forwarded-Port``) are dropped
-  unless the peer is a trusted proxy.
+  unless the peer is a trusted proxy;
+- ``Proxy`` is dropped: CGI-style upstreams read it as ``HTTP_PROXY``, the
+  outgoing proxy setting (httpoxy, CVE-2016-5385).
 
 It works on raw ``(name, value)`` byte pairs as the parser saw them, so names,
 values, order and duplicates of everything that passes reach the other side
@@ -32,6 +39,7 @@ HOP_BY_HOP: frozenset[bytes] = frozenset({
 #: from the body framing; Expect is answered by the gate (100 Continue).
 _REQUEST_REPLACED: frozenset[bytes] = frozenset({
     b"host", b"x-forwarded-for", b"x-forwarded-proto", b"content-length", b"expect",
+    b"proxy",  # httpoxy: never a real request header
 })
 
 #: Client-made forwarding headers: dropped unless the peer is a trusted proxy.
@@ -47,6 +55,11 @@ _DROP_UNTRUSTED = _DROP_TRUSTED | _UNTRUSTED_FORWARDING
 _DROP_RESPONSE = HOP_BY_HOP | _RESPONSE_REPLACED
 
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+
+#: The client address of a peer on a UNIX socket (as nginx's $remote_addr).
+UNIX_PEER = "unix:"
+#: X-Forwarded-Proto values kept from a trusted proxy (lower-cased).
+_PROTOS = frozenset({b"http", b"https"})
 
 
 def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
@@ -141,7 +154,8 @@ def build_request_head(
 ) -> bytes:
     """The request head sent upstream, ``\\r\\n\\r\\n`` included.
 
-    *framing* is the body framing line (``Content-Length: N`` or
+    *client_addr* is the peer's IP address, or :data:`UNIX_PEER`. *framing*
+    is the body framing line (``Content-Length: N`` or
     ``Transfer-Encoding: chunked``) or empty for no body. One pass over the
     headers (this runs for every request); a second only when a
     ``Connection`` header names more than the standard hop-by-hop ones.
@@ -152,13 +166,17 @@ def build_request_head(
     lnames: list[bytes] = []
     connection: list[bytes] = []
     prior_xff: list[bytes] = []
+    prior_proto: bytes | None = None
     for name, value in headers:
         lname = name.lower()
         if lname in drop or lname == rid_lower:
             if lname == b"connection":
                 connection.append(value)
-            elif lname == b"x-forwarded-for" and peer_trusted:
-                prior_xff.append(value)
+            elif peer_trusted:
+                if lname == b"x-forwarded-for":
+                    prior_xff.append(value)
+                elif lname == b"x-forwarded-proto":
+                    prior_proto = value  # the last one: the nearest proxy's
             continue
         # X_Forwarded_For and friends: CGI-style servers read them as the real
         # header (HTTP_X_FORWARDED_FOR); the client must not smuggle them in.
@@ -173,12 +191,25 @@ def build_request_head(
         lines = [line for line, lname in zip(lines, lnames, strict=True) if lname not in named]
         if b"x-forwarded-for" in named:
             prior_xff = []
-    prior_xff.append(client_addr.encode())
+        if b"x-forwarded-proto" in named:
+            prior_proto = None
+    if prior_proto is not None:
+        # A TLS-terminating frontend says what the client used; anything but
+        # a plain scheme is not passed on.
+        prior_proto = prior_proto.strip().lower()
+        if prior_proto in _PROTOS:
+            proto = prior_proto
+    if client_addr != UNIX_PEER:
+        prior_xff.append(client_addr.encode())
+    if prior_xff:
+        tail = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n%b: %b\r\n" % (
+            b", ".join(prior_xff), proto, request_id_name, request_id)
+    else:
+        tail = b"X-Forwarded-Proto: %b\r\n%b: %b\r\n" % (proto, request_id_name, request_id)
     return b"".join((
         b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (method, target, host),
         *lines,
-        b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n%b: %b\r\n" % (
-            b", ".join(prior_xff), proto, request_id_name, request_id),
+        tail,
         b"%b\r\n\r\n" % framing if framing else b"\r\n",
     ))
 

@@ -27,7 +27,7 @@ from aiohttp import web
 from . import headers as hdr
 from . import spool, wellknown
 from .accesslog import AccessLog
-from .config import Config, Listener
+from .config import UNIX_PEER, Config, Listener
 from .errors import (
     BadHost,
     BadRequestBody,
@@ -40,7 +40,7 @@ from .errors import (
 )
 from .metrics import UPSTREAM_ERROR_KIND, Registry
 from .response import ProxiedResponse
-from .routing import Action, Router, media_upload
+from .routing import ALLOW, Action, Router, media_upload
 from .upstream import Connection, Pool
 
 log = logging.getLogger("palpo_gate")
@@ -69,7 +69,10 @@ class Generation:
         self.documents = wellknown.build(cfg.well_known) if cfg.well_known else None
         self.access = AccessLog(cfg.log.access)
         self.allow_admin = cfg.admin.allow_from
-        self.trusted = cfg.forwarding.trusted_proxies
+        trusted = cfg.forwarding.trusted_proxies
+        self.trusted = tuple(n for n in trusted if not isinstance(n, str))
+        #: peers on UNIX-socket listeners are trusted proxies ("unix:" listed)
+        self.trust_unix = UNIX_PEER in trusted
         self.rid_name = cfg.forwarding.request_id_header.encode()
         self.rid_lower = self.rid_name.lower()
         self.buffer_uploads = cfg.forwarding.buffer_chunked_uploads
@@ -167,9 +170,9 @@ class ListenerHandler:
                                decision.matrix, rid, close=True)
         elif action is Action.METHOD_NOT_ALLOWED:
             resp = self._error(405, decision.reason, decision.matrix, rid)
+            resp.headers["Allow"] = ALLOW
         elif action is Action.OPTIONS_ASTERISK:
-            resp = web.Response(status=200, headers={
-                "Allow": "GET, HEAD, POST, PUT, DELETE, OPTIONS"})
+            resp = web.Response(status=200, headers={"Allow": ALLOW})
         else:
             resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
         if self.retired:
@@ -305,13 +308,14 @@ class ListenerHandler:
             rec.error = exc.log_word
             if metrics is not None and (kind := UPSTREAM_ERROR_KIND.get(type(exc))):
                 metrics.upstream_error(kind)
+            _log_detail(exc, self.name, rid)
             if rec.response is not None and rec.response.started:
                 # The response has begun: the only honest signal left is to
                 # close the connection (never a clean short body).
                 request.protocol.force_close()
                 resp = rec.response
             else:
-                resp = self._error(exc.status, exc.reason, matrix, rid,
+                resp = self._error(exc.status, exc.public, matrix, rid,
                                    close=exc.status in (400, 408, 413))
         except ConnectionError:
             # The client went away mid-response: not an error of anyone's.
@@ -348,7 +352,8 @@ class ListenerHandler:
         te = request.headers.get("Transfer-Encoding")
         chunked = te is not None
         if chunked and te.strip().lower() != "chunked":  # type: ignore[union-attr]
-            raise BadRequestBody("only Transfer-Encoding: chunked is accepted")
+            msg = "only Transfer-Encoding: chunked is accepted"
+            raise BadRequestBody(msg, public=msg)
         length = request.content_length
         limit = gen.limits.max_body_size
         if length is not None and length > limit:
@@ -363,18 +368,20 @@ class ListenerHandler:
         else:
             framing = b""
         has_body = chunked or bool(length)
-        if has_body and request.version >= (1, 1):
-            expect = request.headers.get("Expect")
-            if expect is not None and expect.lower() == "100-continue":
-                # web.Server never answers Expect itself; the size check above
-                # has passed, so invite the body now (RFC 9110 section 10.1.1).
-                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
         host = hdr.header_value(raw_headers, b"host")
         if host is not None and not hdr.valid_host(host):
             raise BadHost("invalid Host header")
+        if has_body and request.version >= (1, 1):
+            expect = request.headers.get("Expect")
+            if expect is not None and expect.lower() == "100-continue":
+                # web.Server never answers Expect itself; the request has
+                # passed every check of its head (size, Host), so invite the
+                # body now (RFC 9110 section 10.1.1), never before a refusal.
+                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
         head = hdr.build_request_head(
             method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
-            client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
+            client_addr=client, proto=self.proto,
+            peer_trusted=gen.trust_unix if client == UNIX_PEER else _in(client, gen.trusted),
             host=hdr.host_with_port(host, self.port, self.fallback_host),
             request_id_name=gen.rid_name, request_id=rid, framing=framing)
         return head, has_body, chunked and not buffer, buffer
@@ -442,6 +449,22 @@ class _Record:
         self.bytes_out = 0
         self.error = ""
         self.response: ProxiedResponse | None = None
+
+
+def _log_detail(exc: GateError, listener: str, rid: bytes) -> None:
+    """The detail of a failure, with the request id that ties it to the access
+    line. The client was told ``exc.public`` only: the detail may name the
+    upstream's address or quote a parser."""
+    if exc.status >= 500:
+        level = logging.WARNING
+    elif exc.public != exc.reason:
+        level = logging.INFO
+    else:
+        return  # the client was told all there is; the access line has the word
+    # Escaped: a parser's message may quote what the peer sent.
+    detail = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in exc.reason)
+    log.log(level, "%s: %s (listener=%s rid=%s)", exc.log_word, detail, listener,
+            rid.decode())
 
 
 async def _ready(resp: web.StreamResponse) -> web.StreamResponse:

@@ -61,6 +61,15 @@ class BadTarget(ValueError):
     """The target is refused with 400; the message says why."""
 
 
+#: The methods the Matrix APIs use (client-server, federation, application
+#: service, push; Palpo's admin API too); any other is refused with 405
+#: rather than forwarded: TRACE would echo cookies and credentials back
+#: (nginx refuses it too), WebDAV methods have no Matrix meaning, and no
+#: Matrix endpoint uses PATCH. ``OPTIONS *`` and the 405's Allow list them.
+FORWARDED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")
+ALLOW = ", ".join(FORWARDED_METHODS)
+_METHODS = frozenset(FORWARDED_METHODS)
+
 _ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})?")
 _SLASHES_RE = re.compile(r"/{2,}")
 _HEALTH = "/health"
@@ -184,8 +193,9 @@ class Router:
         self._well_known = well_known
 
     def decide(self, method: str, target: str) -> Decision:
-        if method == "CONNECT":
-            return Decision(Action.METHOD_NOT_ALLOWED, reason="CONNECT is not supported")
+        if method not in _METHODS:
+            return Decision(Action.METHOD_NOT_ALLOWED, reason=f"{method} is not supported",
+                            matrix=_is_matrix(target.split("?", 1)[0]))
         if not target.startswith("/"):
             if target == "*":
                 if method == "OPTIONS":

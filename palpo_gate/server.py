@@ -34,6 +34,7 @@ from .config import Bind, Config, ConfigError, Listener
 from .errors import error_body
 from .metrics import Registry
 from .proxy import Generation, ListenerHandler
+from .routing import _is_matrix
 from .wellknown import CORS_HEADERS
 
 log = logging.getLogger("palpo_gate")
@@ -109,7 +110,7 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         CORS headers (a browser sees the status, not a CORS failure), logged
         quietly (any client can send them), the connection closed."""
         if status != 400 or not isinstance(exc, http_exceptions.HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
+            return _plain_error(request, super().handle_error(request, status, exc, message))
         if isinstance(exc, http_exceptions.LineTooLong):
             status = 414 if exc.args[1] == MAX_LINE_SIZE else 431
             reason = "request line too long" if status == 414 else "header field too long"
@@ -139,6 +140,32 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         super().connection_lost(exc)
 
 
+def _plain_error(request: Any, page: web.StreamResponse) -> web.Response:
+    """A gate-made answer in place of aiohttp's own error *page* (which has
+    logged the exception): its text names aiohttp and, in debug mode, holds a
+    traceback. Matrix JSON with CORS on Matrix paths, as every gate error."""
+    status = page.status
+    matrix = _is_matrix(request.path)
+    body, ctype = error_body(status, "internal error" if status >= 500 else "bad request",
+                             matrix)
+    resp = web.Response(status=status, body=body, headers={"Content-Type": ctype})
+    if matrix:
+        resp.headers.extend(CORS_HEADERS)
+    resp.force_close()
+    return resp
+
+
+class _GateRequest(web.BaseRequest):
+    """A request whose gate-made responses name no software: aiohttp gives
+    every response it frames ``Server: Python/3.x aiohttp/3.y``
+    (``StreamResponse._prepare_headers``), and this hook runs after that,
+    before the head is written. Forwarded responses frame themselves
+    (:mod:`response`) and never pass here: their ``Server`` is the upstream's."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        response.headers.popall("Server", None)
+
+
 class GateServer(web.Server):
     """``web.Server`` (no router: the router matches decoded paths) making
     :class:`_HeadTimeoutProtocol` connections for one listener of one
@@ -161,14 +188,23 @@ class GateServer(web.Server):
         self._header_timeout = cfg.limits.header_timeout
         #: called once a retired server has no connection left
         self.on_empty: Callable[[GateServer], None] | None = None
+        #: connections whose handler task has not ended yet. aiohttp's own
+        #: list drops a connection only once its task has ended, after
+        #: connection_lost: on_empty is decided on this set instead.
+        self._live: set[web_protocol.RequestHandler] = set()
 
     def __call__(self) -> web_protocol.RequestHandler:
         return _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
                                     **self._kwargs)
 
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                      task: Any) -> web.BaseRequest:
+        return _GateRequest(message, payload, protocol, writer, task, self._loop)
+
     def connection_made(self, handler: web_protocol.RequestHandler,
                         transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
+        self._live.add(handler)
         if self._metrics is not None:
             self._metrics.client_connection(self.handler.name, 1)
 
@@ -177,8 +213,20 @@ class GateServer(web.Server):
         super().connection_lost(handler, exc)
         if self._metrics is not None:
             self._metrics.client_connection(self.handler.name, -1)
-        if self.on_empty is not None and not self._connections:
-            self.on_empty(self)
+        # The handler task (cancelled by aiohttp right after this) may still
+        # be unwinding a request that uses this generation's pool: the
+        # connection counts until the task has ended.
+        task = handler._task_handler
+        if task is not None and not task.done():
+            task.add_done_callback(lambda _: self._gone(handler))
+        else:
+            self._gone(handler)
+
+    def _gone(self, handler: web_protocol.RequestHandler) -> None:
+        self._live.discard(handler)
+        if self.on_empty is not None and not self._live:
+            on_empty, self.on_empty = self.on_empty, None
+            on_empty(self)
 
     def retire(self, on_empty: Callable[[GateServer], None]) -> None:
         """Serve no new connection; let open ones finish their requests.
@@ -188,8 +236,9 @@ class GateServer(web.Server):
         runs when the last one is gone.
         """
         self.handler.retired = True
-        self.on_empty = on_empty
-        if not self._connections:
+        if self._live:
+            self.on_empty = on_empty
+        else:
             on_empty(self)
 
 
@@ -307,7 +356,8 @@ def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
 
 
 def _slot_key(lst: Listener) -> tuple[str, bool]:
-    """Listeners with equal keys can share a listening socket across a reload."""
+    """Listeners with equal keys share a listening socket and its server across
+    a reload; a key that differs only in TLS keeps the socket, not the server."""
     return str(lst.bind), lst.tls is not None
 
 
@@ -401,7 +451,10 @@ class Gate:
         try:
             for i, lst in enumerate(cfg.listeners):
                 key = _slot_key(lst)
-                slot = reusable.pop(key, None)
+                # TLS added or removed on the same bind: the socket is ours
+                # already (binding it again would fail); _commit gives it a
+                # new server.
+                slot = reusable.pop(key, None) or reusable.pop((key[0], not key[1]), None)
                 if slot is None:
                     try:
                         sock = bind_socket(lst.bind, self._passed, reuse_port=self._reuse_port)
@@ -423,6 +476,23 @@ class Gate:
         """Point every slot at *gen*; start servers for new sockets."""
         for lst in cfg.listeners:
             slot = slots[lst.name]
+            key = _slot_key(lst)
+            if slot.server is not None and slot.key != key:
+                # TLS on or off: asyncio fixes it per server. The new server
+                # takes a duplicate of the socket, so it never stops listening
+                # (connections queued meanwhile are accepted by the new
+                # server); the old one stops accepting, its open connections
+                # finish as they are.
+                sock = slot.sock.dup()
+                sock.setblocking(False)
+                for name, passed in self._passed.items():
+                    if passed is slot.sock:  # systemd's or the supervisor's
+                        self._passed[name] = sock
+                slot.server.close()
+                slot.sock, slot.server, slot.context = sock, None, None
+                log.info("listener %s: now %s TLS, on the same socket", lst.name,
+                         "with" if lst.tls else "without")
+            slot.key = key
             handler = ListenerHandler(gen, lst)
             handler.bound(slot.sock.getsockname())
             slot.listener = lst

@@ -351,6 +351,24 @@ BAD_CONFIGS: list[tuple[str, str, str, str]] = [
      "invalid duration"),
     ("trusted proxy", "[forwarding]\ntrusted_proxies = ['proxy.local']\n",
      "forwarding.trusted_proxies[0]", "not an IP address or CIDR"),
+    ("trusted proxy hint", "[forwarding]\ntrusted_proxies = ['unix']\n",
+     "forwarding.trusted_proxies[0]", '(or "unix:" for peers on a UNIX-socket listener)'),
+    ("trusted proxy socket path",
+     "[forwarding]\ntrusted_proxies = ['10.0.0.0/8', 'unix:/run/nginx.sock']\n",
+     "forwarding.trusted_proxies[1]", 'write "unix:" alone'),
+    ("trusted proxy UNIX in caps", "[forwarding]\ntrusted_proxies = ['UNIX:']\n",
+     "forwarding.trusted_proxies[0]", "not an IP address or CIDR"),
+    ("trusted proxy number", "[forwarding]\ntrusted_proxies = [10]\n",
+     "forwarding.trusted_proxies[0]", "expected a CIDR string"),
+    ("metrics bind = a listener's",
+     L0 + "[[listeners]]\nname = 'f'\nbind = '[::]:8448'\n[metrics]\nbind = '[::]:8448'\n",
+     "metrics.bind", "[::]:8448 is also listeners[1].bind"),
+    ("metrics bind = the default listener's", "[metrics]\nbind = '127.0.0.1:8080'\n",
+     "metrics.bind", "is also listeners[0].bind"),
+    ("metrics bind = a UNIX listener's",
+     L0 + "[[listeners]]\nname = 'u'\nbind = 'unix:/run/g.sock'\n"
+     "[metrics]\nbind = 'unix:/run/g.sock'\n",
+     "metrics.bind", "unix:/run/g.sock is also listeners[1].bind"),
     ("request_id_header", "[forwarding]\nrequest_id_header = 'X Request ID'\n",
      "forwarding.request_id_header", "header name"),
     ("buffer_chunked_uploads", "[forwarding]\nbuffer_chunked_uploads = 'yes'\n",
@@ -508,7 +526,7 @@ allow_from = ["127.0.0.1", "10.1.2.3/8", "::1"]
 max_body_size = "100MB"
 header_timeout = "500ms"
 [forwarding]
-trusted_proxies = ["172.16.0.0/12"]
+trusted_proxies = ["172.16.0.0/12", "unix:"]
 """)
     assert cfg.upstream.kind == "unix" and cfg.upstream.path == "/run/palpo/palpo.sock"
     assert cfg.upstream.read_timeout == 120.0
@@ -519,7 +537,8 @@ trusted_proxies = ["172.16.0.0/12"]
                                     ipaddress.ip_network("::1/128"))
     assert cfg.limits.max_body_size == 100_000_000
     assert cfg.limits.header_timeout == 0.5
-    assert cfg.forwarding.trusted_proxies == (ipaddress.ip_network("172.16.0.0/12"),)
+    assert cfg.forwarding.trusted_proxies == (ipaddress.ip_network("172.16.0.0/12"),
+                                              configmod.UNIX_PEER)
 
 
 # -- dump() round trip -------------------------------------------------------------------
@@ -590,7 +609,7 @@ body_timeout = 2.5
 idle_timeout = "1h"
 
 [forwarding]
-trusted_proxies = ["172.16.0.0/12", "fd00::/8"]
+trusted_proxies = ["172.16.0.0/12", "unix:", "fd00::/8"]
 request_id_header = "X-Correlation-ID"
 buffer_chunked_uploads = true
 

@@ -190,8 +190,8 @@ async def test_forwarding_headers_from_a_trusted_proxy(up: Recorder) -> None:
         assert [p.strip() for p in xff.split(b",")] == [b"203.0.113.7", b"127.0.0.1"]
         assert req.header_all("forwarded") == [b"for=203.0.113.9;proto=https"]
         assert req.header_all("x-real-ip") == [b"203.0.113.8"]
-        # the scheme is the gate's own knowledge, never taken from the client
-        assert req.header_all("x-forwarded-proto") == [b"http"]
+        # a trusted proxy (a TLS-terminating frontend) says what the client used
+        assert req.header_all("x-forwarded-proto") == [b"https"]
 
 
 async def test_forwarded_proto_is_https_on_a_tls_listener(

@@ -108,9 +108,9 @@ CLIENT = "203.0.113.7"
 def _head(headers: H, *, trusted: bool = False, framing: bytes = b"",
           rid_name: bytes = b"X-Request-ID", method: bytes = b"GET",
           target: bytes = b"/_matrix/client/versions", proto: bytes = b"https",
-          host: bytes = b"matrix.example.com:443") -> bytes:
+          host: bytes = b"matrix.example.com:443", client: str = CLIENT) -> bytes:
     return build_request_head(
-        method, target, headers, client_addr=CLIENT, peer_trusted=trusted, proto=proto,
+        method, target, headers, client_addr=client, peer_trusted=trusted, proto=proto,
         host=host, request_id_name=rid_name, request_id=b"rid-1", framing=framing,
     )
 
@@ -249,6 +249,64 @@ HEAD_TABLE: list[tuple[str, dict[str, object], bytes]] = [
                          ids=[r[0] for r in HEAD_TABLE])
 def test_build_request_head(kwargs: dict[str, object], expected: bytes) -> None:
     assert _head(**kwargs) == expected  # type: ignore[arg-type]
+
+
+XFP = b"X-Forwarded-Proto"
+RID_LINE = b"X-Request-ID: rid-1"
+XFF_CLIENT = b"X-Forwarded-For: 203.0.113.7"
+
+#: Forwarding from a trusted frontend: its scheme is kept when plain; a peer
+#: on a UNIX socket adds no address (it has none) and nginx's "unix:" never
+#: reaches the upstream; httpoxy's Proxy header never passes.
+FRONTEND_TABLE: list[tuple[str, dict[str, object], bytes]] = [
+    ("trusted peer: its X-Forwarded-Proto kept",
+     {"headers": [(XFP, b"http")], "trusted": True},
+     _lines(REQ_LINE, HOST, XFF_CLIENT, b"X-Forwarded-Proto: http", RID_LINE)),
+    ("trusted peer: X-Forwarded-Proto lower-cased",
+     {"headers": [(b"x-forwarded-proto", b" HTTPS ")], "trusted": True, "proto": b"http"},
+     _lines(REQ_LINE, HOST, XFF_CLIENT, b"X-Forwarded-Proto: https", RID_LINE)),
+    ("trusted peer: the last X-Forwarded-Proto (the nearest proxy's)",
+     {"headers": [(XFP, b"https"), (XFP, b"http")], "trusted": True},
+     _lines(REQ_LINE, HOST, XFF_CLIENT, b"X-Forwarded-Proto: http", RID_LINE)),
+    *((f"trusted peer: X-Forwarded-Proto {bad!r} is not a scheme: the listener's",
+       {"headers": [(XFP, bad)], "trusted": True, "proto": b"http"},
+       _lines(REQ_LINE, HOST, XFF_CLIENT, b"X-Forwarded-Proto: http", RID_LINE))
+      for bad in (b"", b"ftp", b"https, http", b"https\x00", b"javascript")),
+    ("trusted peer: X-Forwarded-Proto named in Connection is not kept",
+     {"headers": [(XFP, b"http"), (b"Connection", b"X-Forwarded-Proto")], "trusted": True},
+     _lines(REQ_LINE, HOST, XFF_CLIENT, b"X-Forwarded-Proto: https", RID_LINE)),
+    ("untrusted UNIX-socket peer: X-Forwarded-Proto replaced",
+     {"headers": [(XFP, b"http")], "client": "unix:"},
+     _lines(REQ_LINE, HOST, b"X-Forwarded-Proto: https", RID_LINE)),
+    ("UNIX-socket peer, untrusted: no X-Forwarded-For at all",
+     {"headers": [(b"X-Forwarded-For", b"198.51.100.1"), (b"Accept", b"a")],
+      "client": "unix:"},
+     _lines(REQ_LINE, HOST, b"Accept: a", b"X-Forwarded-Proto: https", RID_LINE)),
+    ("UNIX-socket peer, trusted: its chain as sent, nothing appended",
+     {"headers": [(b"X-Forwarded-For", b"198.51.100.1, 192.0.2.4"), (XFP, b"https")],
+      "client": "unix:", "trusted": True, "proto": b"http"},
+     _lines(REQ_LINE, HOST, b"X-Forwarded-For: 198.51.100.1, 192.0.2.4",
+            b"X-Forwarded-Proto: https", RID_LINE)),
+    ("UNIX-socket peer, trusted, without a chain: no X-Forwarded-For",
+     {"headers": [], "client": "unix:", "trusted": True},
+     _lines(REQ_LINE, HOST, b"X-Forwarded-Proto: https", RID_LINE)),
+    ("httpoxy: Proxy dropped from an untrusted peer",
+     {"headers": [(b"Proxy", b"http://evil.example:3128"), (b"Accept", b"a")]},
+     _lines(REQ_LINE, HOST, b"Accept: a", *TAIL_UNTRUSTED)),
+    ("httpoxy: Proxy dropped from a trusted peer too, whatever its case",
+     {"headers": [(b"PROXY", b"http://evil.example:3128"), (b"Accept", b"a")],
+      "trusted": True},
+     _lines(REQ_LINE, HOST, b"Accept: a", *TAIL_UNTRUSTED)),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [r[1:] for r in FRONTEND_TABLE],
+                         ids=[r[0] for r in FRONTEND_TABLE])
+def test_build_request_head_behind_a_frontend(kwargs: dict[str, object],
+                                              expected: bytes) -> None:
+    head = _head(**kwargs)  # type: ignore[arg-type]
+    assert head == expected
+    assert b"unix:" not in head
 
 
 def test_build_request_head_has_host_first_and_one_of_each_gate_header() -> None:

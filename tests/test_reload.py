@@ -216,3 +216,93 @@ def _trusting(ca: trustme.CA) -> ssl.SSLContext:
     ca.configure_trust(ctx)
     ctx.check_hostname = False
     return ctx
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_reloads_across_keep_alive_connections_leak_nothing() -> None:
+    """Each round: a keep-alive request (an idle upstream connection in the
+    pool), a reload, then the client closes. The old generation must drain
+    and close its pool; nothing may pile up over rounds."""
+    rounds = 100
+    async with recorder() as up:
+        port = _free_port()
+        toml = _toml(up.port, port)
+        async with running_gate(toml) as gate:
+            # Warm-up round: whatever the first round opens for good (the
+            # recorder's server side, lazily made objects) is not a leak.
+            conn = await Conn.open(port)
+            assert (await conn.request(get("/_matrix/warm"))).status == 200
+            await conn.close()
+            await asyncio.sleep(0.05)
+            fds_before = _open_fds()
+            async with asyncio.timeout(60):
+                for i in range(rounds):
+                    conn = await Conn.open(port)
+                    try:
+                        assert (await conn.request(get(f"/_matrix/r{i}"))).status == 200
+                        await gate.reload(configmod.loads(toml))
+                    finally:
+                        await conn.close()
+                # Let the closes land (the gate sees EOF, its handler tasks end).
+                for _ in range(100):
+                    if not gate._draining_gens and gate.upstream_connections()[0] <= 1:
+                        break
+                    await asyncio.sleep(0.05)
+            assert gate.generation == rounds + 1
+            assert not gate._draining_gens and not gate._retired
+            # Only the current generation's pool is left: at most the one
+            # connection the last round's request may have left idle there.
+            open_, idle = gate.upstream_connections()
+            assert open_ == idle <= 1
+            for _ in range(50):  # the upstream side's closes land too
+                if up.connections - up.closed_connections <= 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert up.connections - up.closed_connections <= 1
+            assert _open_fds() <= fds_before + 2
+
+
+async def test_a_reload_turns_tls_on_and_off_on_the_same_bind(
+        tls_files: dict[str, str]) -> None:
+    ctx = ssl.create_default_context(cafile=tls_files["ca"])
+    tls = (f'[listeners.tls]\ncert = "{tls_files["default_cert"]}"\n'
+           f'key = "{tls_files["default_key"]}"')
+    async with recorder() as up:
+        port = _free_port()
+        plain_toml, tls_toml = _toml(up.port, port), _toml(up.port, port, listeners=tls)
+        async with running_gate(plain_toml) as gate:
+            held = await Conn.open(port)
+            try:
+                assert (await held.request(get("/_matrix/1"))).status == 200
+
+                await gate.reload(configmod.loads(tls_toml))  # no "address already in use"
+
+                assert gate.generation == 2
+                assert gate.addresses()["main"][1] == port
+                conn = await Conn.open(port, ssl=ctx, server_hostname="localhost")
+                try:
+                    assert (await conn.request(get("/_matrix/2"))).status == 200
+                finally:
+                    await conn.close()
+                # A plain request on a new connection is not served any more.
+                try:
+                    plain = (await fetch(port, get("/_matrix/plain"))).status
+                except Exception as exc:  # a TLS alert is no HTTP: any failure will do
+                    plain = type(exc).__name__
+                assert plain != 200
+                # The plain connection opened before is served to its end.
+                r = await held.request(get("/_matrix/3"))
+                assert r.status == 200 and r.header("Connection") == "close"
+            finally:
+                await held.close()
+
+            await gate.reload(configmod.loads(plain_toml))  # and off again
+            assert (await fetch(port, get("/_matrix/4"))).status == 200
+            assert gate.contexts == {}
+        assert [r.target for r in up.requests] == [
+            b"/_matrix/1", b"/_matrix/2", b"/_matrix/3", b"/_matrix/4"]

@@ -342,3 +342,42 @@ def test_second_reading_refusals_say_where_they_lead() -> None:
     # there too, and staying under it is not.
     assert _decide(FEDERATION, "/_matrix/a%2F..%2F..%2F_palpo/client/x") == "bad_request"
     assert _decide(FEDERATION, "/_matrix/key/v2/a%2F..%2Fserver") == "forward"
+# -- which methods are forwarded -----------------------------------------------------------
+
+#: (method, target, action, matrix flag of the refusal)
+FORWARDED_METHOD_TABLE = [
+    *((m, "/_matrix/client/v3/rooms/%21r%3Ahs/x", "forward", True)
+      for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS")),
+    ("TRACE", "/_matrix/client/versions", "method_not_allowed", True),
+    ("TRACE", "/index.html", "method_not_allowed", False),
+    ("TRACE", "*", "method_not_allowed", False),
+    ("PATCH", "/_matrix/client/v3/profile/%40u%3Ahs", "method_not_allowed", True),
+    ("PROPFIND", "/_matrix/media/v3/download/hs/m", "method_not_allowed", True),
+    ("MKCOL", "/_palpo/client/x", "method_not_allowed", True),
+    ("COPY", "/_palpo/admin/x", "method_not_allowed", True),  # before the admin rule
+    ("LOCK", "/_matrix/x?y=1", "method_not_allowed", True),
+    ("SEARCH", "/.well-known/matrix/server", "method_not_allowed", True),
+    ("PURGE", "/health", "method_not_allowed", False),
+    ("get", "/_matrix/client/versions", "method_not_allowed", True),  # methods are case-sensitive
+    ("CONNECT", "matrix.example.com:443", "method_not_allowed", False),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "expected", "matrix"), FORWARDED_METHOD_TABLE,
+                         ids=[f"{m} {t}" for m, t, _, _ in FORWARDED_METHOD_TABLE])
+def test_only_the_matrix_methods_are_forwarded(method: str, target: str, expected: str,
+                                               matrix: bool) -> None:
+    for router in (CLIENT, CLIENT_WK):
+        d = router.decide(method, target)
+        assert d.action.value == expected
+        if expected == "method_not_allowed":
+            assert d.matrix is matrix
+            assert method in d.reason
+
+
+def test_options_asterisk_advertises_the_forwarded_methods() -> None:
+    from palpo_gate.routing import ALLOW, FORWARDED_METHODS
+
+    assert ALLOW == "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+    assert set(FORWARDED_METHODS) == {m for m, _, a, _ in FORWARDED_METHOD_TABLE
+                                      if a == "forward"}
