@@ -363,6 +363,46 @@ async def deployment(toml: str) -> AsyncIterator[None]:
 # One test per failure
 
 
+async def test_gate_not_running(pki: dict[str, str], dns: tuple[Zone, str],
+                                tmp_path: pathlib.Path) -> None:
+    ports = two_ports()
+    async with FakeHomeserver().running() as hs:
+        toml = gate_config(hs.url, ports, pki)  # and no gate started on it
+        results = await diagnose(tmp_path, toml, pki, dns[1])
+    by = {r.label: r for r in results}
+    for name, port in (("client", ports[0]), ("federation", ports[1])):
+        r = by[f"listener[{name}]"]
+        assert (r.status, r.message) == (checks.FAIL, f"127.0.0.1:{port} does not answer: "
+                                                      "connection refused")
+        assert r.fix.startswith("start the gate")
+    assert by["upstream.keys"].status == checks.PASS
+
+
+async def test_chain_needs_the_private_ca(pki: dict[str, str], dns: tuple[Zone, str],
+                                         tmp_path: pathlib.Path) -> None:
+    """The gate's certificates come from a CA the system store does not
+    know: without --cafile the chain fails, and so does every connection a
+    remote server or client would make."""
+    from palpo_gate.doctor.fetch import parse_resolver
+
+    ports = two_ports()
+    async with FakeHomeserver().running() as hs:
+        toml = gate_config(hs.url, ports, pki)
+        path = tmp_path / "gate.toml"
+        path.write_text(toml)
+        async with deployment(toml):
+            results = await doctor.diagnose(str(path), resolver=parse_resolver(dns[1]))
+    bad = not_passed(results)
+    assert set(bad) == {"tls.chain[client]", "tls.chain[federation]", "delegation.server",
+                        "delegation.client"}, show(results)
+    r = bad["tls.chain[federation]"]
+    assert r.message == (f"127.0.0.1:{ports[1]}: the certificate for {DELEGATED} does not "
+                         "verify against the system store: unable to get local issuer "
+                         "certificate")
+    assert r.fix.startswith("put the whole chain (certificate, then intermediates: "
+                            "fullchain.pem) in listeners[1].tls.cert, or pass --cafile")
+
+
 async def test_upstream_down(pki: dict[str, str], dns: tuple[Zone, str],
                              tmp_path: pathlib.Path) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -110,7 +110,11 @@ def _srv_targets(records: tuple[object, ...]) -> tuple[tuple[str, int], ...]:
     heavier weight first among equals (RFC 2782 picks by weighted chance;
     the doctor reports the likeliest order)."""
     ordered = sorted(records, key=lambda r: (r[0], -r[1]))  # type: ignore[index]
-    return tuple((str(r[3]).rstrip(".").lower(), int(r[2])) for r in ordered)  # type: ignore[index]
+    return tuple((_target(str(r[3])), int(r[2])) for r in ordered)  # type: ignore[index]
+
+
+def _target(name: str) -> str:
+    return name if name == "." else name.rstrip(".").lower()
 
 
 def _addresses(host: str, port: int, dns: Mapping[tuple[str, str], Lookup]
@@ -157,7 +161,7 @@ def _route(via: str, host_header: str, tls_name: str,
     endpoints: list[tuple[str, int]] = []
     problems: list[str] = []
     for host, port in targets:
-        if host in ("", "."):  # RFC 2782: target "." means "no such service here"
+        if host == ".":  # RFC 2782: target "." means "no such service here"
             problems.append("the SRV record's target is \".\" (service not available)")
             continue
         got = _addresses(host, port, dns)
