@@ -93,7 +93,7 @@ def connect_host(bind: Bind) -> str:
 def where(bind: Bind) -> str:
     """How a listener is named in messages: the address the doctor reaches."""
     if bind.kind == "tcp":
-        return discovery._hp(connect_host(bind), bind.port)
+        return discovery.join_host_port(connect_host(bind), bind.port)
     return str(bind)
 
 
@@ -734,7 +734,7 @@ def _delegation_server(f: Facts) -> Result:
     configured = bool(f.cfg.well_known and f.cfg.well_known.server)
     first_bad: tuple[Attempt, str, str] | None = None
     for att in f.route_attempts:
-        addr = discovery._hp(att.address, att.port)
+        addr = discovery.join_host_port(att.address, att.port)
         if att.http.error:
             why = att.http.error
             if "certificate" in why or "SSL" in why or "TLS" in why:
@@ -786,11 +786,11 @@ def _delegation_srv(f: Facts) -> Result:
     # falls back to these records (steps 4-5): they must lead to the same place.
     same = set(fallback.endpoints) & set(route.endpoints) or \
         set(fallback.targets) & set(route.targets)
-    targets = ", ".join(discovery._hp(h, p) for h, p in fallback.targets)
+    targets = ", ".join(discovery.join_host_port(h, p) for h, p in fallback.targets)
     if same:
         return Result(check, "", PASS, f"SRV {srv_name} → {targets} agrees with m.server "
                       f"{m_server}")
-    wanted = ", ".join(discovery._hp(h, p) for h, p in route.targets)
+    wanted = ", ".join(discovery.join_host_port(h, p) for h, p in route.targets)
     return Result(check, "", FAIL,
                   f"SRV {srv_name} → {targets} disagrees with .well-known/matrix/server "
                   f"(m.server {m_server} → {wanted}): a remote server whose well-known "
@@ -816,7 +816,7 @@ def _delegation_client(f: Facts) -> Result:
     configured = bool(f.cfg.well_known and f.cfg.well_known.client)
     first_bad: tuple[str, str] | None = None
     for att in f.client_attempts:
-        addr = discovery._hp(att.address, att.port)
+        addr = discovery.join_host_port(att.address, att.port)
         if att.http.error:
             why = att.http.error
             if "certificate" in why or "SSL" in why:

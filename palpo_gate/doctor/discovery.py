@@ -56,11 +56,11 @@ class Route:
     well_known_problem: str = ""
 
     def describe(self) -> str:
-        targets = ", ".join(f"{_hp(h, p)}" for h, p in self.targets)
+        targets = ", ".join(f"{join_host_port(h, p)}" for h, p in self.targets)
         return f"{self.via} → {targets}" if targets else self.via
 
 
-def _hp(host: str, port: int) -> str:
+def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -117,7 +117,7 @@ def _target(name: str) -> str:
     return name if name == "." else name.rstrip(".").lower()
 
 
-def _addresses(host: str, port: int, dns: Mapping[tuple[str, str], Lookup]
+def addresses(host: str, port: int, dns: Mapping[tuple[str, str], Lookup]
                ) -> Need | tuple[tuple[tuple[str, int], ...], str]:
     """(endpoints, problem) for one host, or the lookup still missing."""
     if is_ip(host):
@@ -164,7 +164,7 @@ def _route(via: str, host_header: str, tls_name: str,
         if host == ".":  # RFC 2782: target "." means "no such service here"
             problems.append("the SRV record's target is \".\" (service not available)")
             continue
-        got = _addresses(host, port, dns)
+        got = addresses(host, port, dns)
         if isinstance(got, Need):
             return got
         found, why = got
@@ -191,7 +191,7 @@ def discover(server_name: str, m_server: str | None,
     if m_server is not None:
         # The remote fetched https://<host>/.well-known/matrix/server: the
         # server name must have an address for that.
-        got = _addresses(host, 443, dns)
+        got = addresses(host, 443, dns)
         if isinstance(got, Need):
             return got
         wk_problem = ""

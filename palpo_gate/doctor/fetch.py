@@ -63,7 +63,7 @@ class _Dns:
         if resolver is not None:
             self.res.nameservers = [resolver[0]]
             self.res.port = resolver[1]
-            self.where = discovery._hp(*resolver)
+            self.where = discovery.join_host_port(*resolver)
         self.res.lifetime = TIMEOUT
 
     async def lookup(self, qname: str, qtype: str) -> Lookup:
@@ -108,7 +108,7 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _base(scheme: str, host: str, port: int) -> str:
-    return f"{scheme}://{discovery._hp(host, port)}"
+    return f"{scheme}://{discovery.join_host_port(host, port)}"
 
 
 class _Client:
@@ -356,12 +356,12 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
         scheme, host, port, path = checks.base_url_parts(client_base)
         got: Any = None
         for _ in range(4):
-            got = discovery._addresses(host, port, facts.dns)
+            got = discovery.addresses(host, port, facts.dns)
             if not isinstance(got, discovery.Need):
                 break
             facts.dns[(got.qname, got.qtype)] = await dns_.lookup(got.qname, got.qtype)
         default = 443 if scheme == "https" else 80
-        host_header = host if port == default else discovery._hp(host, port)
+        host_header = host if port == default else discovery.join_host_port(host, port)
         for address, p in (got[0] if isinstance(got, tuple) else ())[:8]:
             http = await client.get(_base(scheme, address, p),
                                     path + checks.PROBES["versions"], host=host_header,
