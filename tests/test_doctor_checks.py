@@ -815,7 +815,7 @@ def test_result_lines_and_exit_status() -> None:
         "WARN  tls.expiry[client]: expires in 10.0 days (fix: renew it)",
         "FAIL  tls.names[federation]: covers a, not b (fix: set x)",
         "SKIP  delegation.srv: needs y",
-        "1 passed, 1 warnings, 1 failed, 1 skipped",
+        "1 passed, 1 warning, 1 failed, 1 skipped",
     ]
     doc = json.loads(doctor.render_json(results, "gate.toml"))
     assert doc["ok"] is False

@@ -49,7 +49,8 @@ async def diagnose(config_path: str | None, *, cafile: str | None = None,
 def render_text(results: list[Result]) -> str:
     counts = checks.summary(results)
     lines = [r.line() for r in results]
-    lines.append(f"{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed, "
+    warnings = "warning" if counts["warn"] == 1 else "warnings"
+    lines.append(f"{counts['pass']} passed, {counts['warn']} {warnings}, {counts['fail']} failed, "
                  f"{counts['skip']} skipped")
     return "\n".join(lines) + "\n"
 
