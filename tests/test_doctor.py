@@ -403,6 +403,60 @@ async def test_chain_needs_the_private_ca(pki: dict[str, str], dns: tuple[Zone, 
                             "fullchain.pem) in listeners[1].tls.cert, or pass --cafile")
 
 
+async def test_unix_listener_and_a_dns_server_that_never_answers(
+        pki: dict[str, str], tmp_path: pathlib.Path) -> None:
+    """A plain listener on a UNIX socket is checked through the socket; a
+    DNS server that never answers fails discovery within one timeout, and the
+    fix points at it."""
+    sock = tmp_path / "client.sock"
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never read
+    silent.bind(("127.0.0.1", 0))
+    fed_port = free_port()
+    toml = f"""
+[log]
+access = "off"
+[[listeners]]
+name = "local"
+bind = "unix:{sock}"
+role = "client"
+[[listeners]]
+name = "federation"
+bind = "127.0.0.1:{fed_port}"
+role = "federation"
+[listeners.tls]
+cert = "{pki['good']}"
+key = "{pki['good_key']}"
+[well_known]
+server = "{DELEGATED}:{fed_port}"
+"""
+    try:
+        async with FakeHomeserver().running() as hs:
+            toml = f'[upstream]\nurl = "{hs.url}"\n' + toml
+            async with deployment(toml):
+                started = asyncio.get_running_loop().time()
+                results = await diagnose(tmp_path, toml, pki,
+                                         f"127.0.0.1:{silent.getsockname()[1]}")
+                took = asyncio.get_running_loop().time() - started
+    finally:
+        silent.close()
+    by = {r.label: r for r in results}
+    assert by["listener[local]"].message == f"unix:{sock} (http) answers /health"
+    assert by["admin.blocked"].status == checks.PASS
+    assert "through federation, local from 127.0.0.1, unix socket" in by["admin.blocked"].message
+    assert by["federation.target[local]"].status == checks.PASS
+    assert by["wellknown.client"].status == checks.WARN
+    assert by["wellknown.client"].message.startswith("not served ([well_known] has no client)")
+    r = by["delegation.server"]
+    assert r.status == checks.FAIL
+    assert "DNS lookup failed: A example.test: 127.0.0.1:" in r.message
+    assert "did not answer within 5s" in r.message
+    assert r.fix.startswith("check that 127.0.0.1:")
+    assert by["delegation.srv"].status == checks.SKIP
+    # One timeout, not one per lookup (discovery asks about ten questions).
+    assert took < 20, took
+    assert {k for k, r in by.items() if r.status == checks.FAIL} == {"delegation.server"}
+
+
 async def test_upstream_down(pki: dict[str, str], dns: tuple[Zone, str],
                              tmp_path: pathlib.Path) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -522,6 +522,19 @@ def test_well_known_server(toml: str, doc: Http, status: str, text: str) -> None
     assert r.status == status and text in r.message, r
 
 
+def test_well_known_the_gate_does_not_serve() -> None:
+    """[well_known] with a client document only: the server document is the
+    gate's own 404, meaning no delegation."""
+    f = facts(cfg(toml=NO_WK + f'\n[well_known]\nclient = "https://{D}"\n'),
+              wk_server=http(404), wk_client=http(body=CLIENT_DOC, headers=CORS),
+              wk_listener="client", wk_host=S)
+    server, client = checks.check_wellknown(f)
+    assert (server.status, server.message) == (
+        PASS, "not served ([well_known] has no server): no delegation; remote servers look up "
+              "SRV records, then port 8448 of the server name")
+    assert client.status == PASS
+
+
 def test_well_known_421_fix_names_the_hosts_key() -> None:
     f = facts(wk_server=http(421), wk_client=http(421), wk_listener="federation",
               wk_host=f"{S}:8448")
@@ -661,6 +674,19 @@ def test_delegation_srv(records: dict[tuple[str, str], tuple[Any, ...]], status:
     assert r.status == status and text in r.message, r
     if status == FAIL:
         assert r.fix.startswith("delete the SRV record _matrix")
+
+
+def test_delegation_when_dns_fails() -> None:
+    dead = "127.0.0.1:53 did not answer within 5s"
+    dns = {k: Lookup(k[0], k[1], (), dead) for k in DNS_OK}
+    f = deleg([], dns, dns_resolver="127.0.0.1:53")
+    server, srv, _ = checks.check_delegation(f)
+    assert server.status == FAIL
+    assert server.message.startswith(f"{S}: well-known → {D}:8448: DNS lookup failed: A {S}: "
+                                     f"{dead}")
+    assert server.fix == "check that 127.0.0.1:53 answers (or pass --resolver HOST:PORT)"
+    assert (srv.status, srv.message) == (
+        SKIP, f"the SRV lookup of _matrix-fed._tcp.{S} failed: {dead}")
 
 
 def test_delegation_srv_not_applicable_without_well_known() -> None:

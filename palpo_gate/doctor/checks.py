@@ -325,7 +325,8 @@ def check_listeners(f: Facts) -> list[Result]:
                               f"stop it, or move listeners[{i}].bind"))
         else:
             scheme = "https" if lst.tls else "http"
-            out.append(Result("listener", n, PASS, f"{scheme}://{addr} answers /health"))
+            shown = f"{scheme}://{addr}" if lst.bind.kind == "tcp" else f"{addr} ({scheme})"
+            out.append(Result("listener", n, PASS, f"{shown} answers /health"))
     return out
 
 
@@ -569,8 +570,16 @@ def check_wellknown(f: Facts) -> list[Result]:
     return [_wk_server(f), _wk_client(f)]
 
 
-def _source(f: Facts, configured: bool) -> str:
-    return "the gate's [well_known]" if configured else "the homeserver, forwarded"
+def _source(f: Facts) -> str:
+    """Who answers the documents: the gate when [well_known] is set (a
+    document it lacks is a 404 of its own), else the homeserver."""
+    return "the gate's [well_known]" if f.cfg.well_known else "the homeserver, forwarded"
+
+
+def _not_served(f: Facts, which: str) -> str:
+    if f.cfg.well_known:
+        return f"not served ([well_known] has no {which})"
+    return "not served (404 from the homeserver)"
 
 
 def _wk_server(f: Facts) -> Result:
@@ -580,11 +589,11 @@ def _wk_server(f: Facts) -> Result:
         return common
     assert http is not None
     configured = bool(f.cfg.well_known and f.cfg.well_known.server)
-    src = _source(f, configured)
+    src = _source(f)
     if http.status == 404 and not configured:
         return Result("wellknown.server", "", PASS,
-                      "not served (404 from the homeserver): no delegation; remote servers "
-                      "look up SRV records, then port 8448 of the server name")
+                      f"{_not_served(f, 'server')}: no delegation; remote servers look up SRV "
+                      "records, then port 8448 of the server name")
     if http.status != 200:
         return Result("wellknown.server", "", FAIL,
                       f"/.well-known/matrix/server answers {http.status} (from {src})",
@@ -632,11 +641,11 @@ def _wk_client(f: Facts) -> Result:
         return common
     assert http is not None
     configured = bool(f.cfg.well_known and f.cfg.well_known.client)
-    src = _source(f, configured)
+    src = _source(f)
     if http.status == 404 and not configured:
         return Result("wellknown.client", "", WARN,
-                      "not served (404 from the homeserver): clients cannot find the "
-                      "homeserver from a user ID",
+                      f"{_not_served(f, 'client')}: clients cannot find the homeserver from "
+                      "a user ID",
                       "set [well_known] client = \"https://<client listener's name>\"")
     if http.status != 200:
         return Result("wellknown.client", "", FAIL,
@@ -722,6 +731,9 @@ def _delegation_server(f: Facts) -> Result:
     s = f.server_name
     path = f"{s}: {route.describe()}"
     dns_fix = f"check the DNS records at {f.dns_resolver}"
+    if (route.well_known_problem or route.problem).startswith("DNS lookup failed"):
+        return Result(check, "", FAIL, f"{path}: {route.well_known_problem or route.problem}",
+                      f"check that {f.dns_resolver} answers (or pass --resolver HOST:PORT)")
     if route.well_known_problem:
         return Result(check, "", FAIL, f"{path}: {route.well_known_problem}",
                       f"add an A/AAAA record for {s} with the address of this gate, or, if "
@@ -778,6 +790,11 @@ def _delegation_srv(f: Facts) -> Result:
     fallback = discovery.discover(f.server_name, None, f.dns)
     if route is None or not isinstance(fallback, discovery.Route):
         return Result(check, "", SKIP, "a DNS answer is missing")
+    failed = [lk for svc in ("_matrix-fed._tcp", "_matrix._tcp")
+              if (lk := f.dns.get((f"{svc}.{host}", "SRV"))) is not None and lk.error]
+    if failed:
+        return Result(check, "", SKIP, f"the SRV lookup of {failed[0].qname} failed: "
+                      f"{failed[0].error}")
     if not fallback.via.startswith("SRV"):
         return Result(check, "", PASS, f"no SRV record for {host}: when the well-known "
                       f"lookup fails, remote servers try {host}:{discovery.DEFAULT_PORT}")

@@ -234,7 +234,10 @@ class _Gate:
 
     def get(self, target: str, host: str | None = None, source: str = "") -> Any:
         host = host or self.host or None
-        sni = discovery.split_host_port(host)[0] if host else None
+        try:
+            sni: str | None = discovery.split_host_port(host)[0] if host else None
+        except ValueError:
+            sni = None
         return self.client.get(self.base, target, host=host,
                                sni=None if sni and discovery.is_ip(sni) else sni,
                                unix=self.unix, source=source)
@@ -311,8 +314,7 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
     # The delegation documents, as the gate answers them for the server name.
     wk = _pick_wk_listener(cfg, reachable)
     if wk is not None:
-        host = facts.server_name or (sorted(wk.hosts)[0] if wk.hosts else "") or \
-            checks.where(wk.bind)
+        host = facts.server_name or _listener_host(facts, wk)
         gate = _Gate(client, wk, host)
         facts.wk_listener, facts.wk_host = wk.name, host
         facts.wk_server, facts.wk_client = await asyncio.gather(
@@ -386,7 +388,9 @@ def _listener_host(facts: Facts, lst: Listener) -> str:
     names = facts.tls_names.get(lst.name) or ()
     if lst.hosts:
         return sorted(lst.hosts)[0]
-    return names[0] if names else checks.where(lst.bind)
+    if names:
+        return names[0]
+    return checks.where(lst.bind) if lst.bind.kind == "tcp" else "localhost"
 
 
 def _admin_source(facts: Facts, lst: Listener) -> str | None:
