@@ -176,7 +176,8 @@ def mint(ca: trustme.CA, names: list[str], not_before: datetime.datetime,
 
 def gate_config(upstream: str, ports: tuple[int, int], pki: dict[str, str], *,
                 cert: str = "good", federation_cert: str | None = None,
-                well_known: str | None = "default", extra: str = "") -> str:
+                well_known: str | None = "default", extra: str = "",
+                hosts: str = "") -> str:
     """A client and a federation listener with TLS on 127.0.0.1, delegation
     to matrix.example.test."""
     client_port, fed_port = ports
@@ -195,6 +196,7 @@ access = "off"
 name = "client"
 bind = "127.0.0.1:{client_port}"
 role = "client"
+{hosts}
 [listeners.tls]
 cert = "{pki[cert]}"
 key = "{pki[cert + '_key']}"
@@ -203,6 +205,7 @@ key = "{pki[cert + '_key']}"
 name = "federation"
 bind = "127.0.0.1:{fed_port}"
 role = "federation"
+{hosts}
 [listeners.tls]
 cert = "{pki[fed]}"
 key = "{pki[fed + '_key']}"
@@ -676,6 +679,69 @@ async def test_srv_record_that_agrees_passes(
     srv = next(r for r in results if r.id == "delegation.srv")
     assert srv.message == (f"SRV _matrix-fed._tcp.{SERVER_NAME} → {DELEGATED}:{ports[1]} agrees "
                            f"with m.server {DELEGATED}:{ports[1]}")
+
+
+class Website:
+    """The main website of the server name, serving the delegation documents
+    itself (HTTPS, certificate for example.test)."""
+
+    def __init__(self, pki: dict[str, str], docs: dict[str, Any]) -> None:
+        self.pki = pki
+        self.docs = docs
+        self.port = 0
+
+    async def handle(self, request: web.BaseRequest) -> web.Response:
+        if request.path in self.docs:
+            return web.json_response(self.docs[request.path],
+                                     headers={"Access-Control-Allow-Origin": "*"})
+        return web.Response(status=404, text="not found")
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Website]:
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.pki["good"], self.pki["good_key"])
+        runner = web.ServerRunner(web.Server(self.handle), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize("gate_answers_for_server_name", [False, True])
+async def test_well_known_served_by_the_website(
+        gate_answers_for_server_name: bool, pki: dict[str, str], dns: tuple[Zone, str],
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """example.test's own web server serves the delegation; the gate serves
+    matrix.example.test only. Remote servers fetch https://example.test/
+    (port 443, which a test cannot bind: the doctor is told another port)."""
+    from palpo_gate.doctor import fetch
+
+    ports = two_ports()
+    docs = {"/.well-known/matrix/server": {"m.server": f"{DELEGATED}:{ports[1]}"},
+            "/.well-known/matrix/client": {
+                "m.homeserver": {"base_url": f"https://{DELEGATED}:{ports[0]}"}}}
+    # The gate either refuses Host example.test (hosts), or answers it with
+    # the homeserver's 404 (no [well_known]): both times the website counts.
+    hosts = "" if gate_answers_for_server_name else f'hosts = ["{DELEGATED}"]'
+    async with Website(pki, docs).running() as site, FakeHomeserver().running() as hs:
+        monkeypatch.setattr(fetch, "WELL_KNOWN_PORT", site.port)
+        toml = gate_config(hs.url, ports, pki, well_known=None, hosts=hosts)
+        async with deployment(toml):
+            results = await diagnose(tmp_path, toml, pki, dns[1])
+    assert not not_passed(results), show(results)
+    by = {r.label: r.message for r in results}
+    assert by["wellknown.server"] == (f'{{"m.server": "{DELEGATED}:{ports[1]}"}} from '
+                                      f"https://{SERVER_NAME}/, JSON with CORS headers")
+    assert by["delegation.server"].startswith(
+        f"{SERVER_NAME}: well-known → {DELEGATED}:{ports[1]} → 127.0.0.1:{ports[1]}: "
+        "listener 'federation'")
+    assert by["delegation.client"].startswith(f"base_url https://{DELEGATED}:{ports[0]} → ")
 
 
 # --------------------------------------------------------------------------

@@ -535,6 +535,22 @@ def test_well_known_the_gate_does_not_serve() -> None:
     assert client.status == PASS
 
 
+def test_well_known_from_the_server_names_website() -> None:
+    """No listener answers for the server name: the documents were fetched
+    from https://example.test/, and fixes point there."""
+    f = facts(cfg(toml=NO_WK), wk_server=http(body={"m.server": f"{D}:8448"}, headers=JSON),
+              wk_client=http(body=CLIENT_DOC, headers=JSON), wk_listener="", wk_host=S)
+    server, client = checks.check_wellknown(f)
+    assert (server.status, server.message, server.fix) == (
+        WARN, f'{{"m.server": "{D}:8448"}} from https://{S}/; no Access-Control-Allow-Origin '
+              "header", f"make https://{S}/ send them")
+    assert (client.status, client.fix) == (
+        FAIL, f"make https://{S}/ send Access-Control-Allow-Origin: * with it")
+    f.wk_server = http(error="connection refused")
+    assert checks.check_wellknown(f)[0].message == \
+        f"no answer from https://{S}/: connection refused"
+
+
 def test_well_known_421_fix_names_the_hosts_key() -> None:
     f = facts(wk_server=http(421), wk_client=http(421), wk_listener="federation",
               wk_host=f"{S}:8448")
@@ -577,6 +593,7 @@ KEYS = http(body=key_doc())
 
 def deleg(attempts: list[Attempt], dns: dict[tuple[str, str], Lookup] | None = None,
           m_server: str = f"{D}:8448", **kw: Any) -> Facts:
+    kw = {"wk_listener": "client", "wk_host": S, **kw}
     return facts(server_name=S, dns=dict(dns or DNS_OK),
                  wk_server=http(body={"m.server": m_server}, headers=CORS),
                  upstream=up(keys=KEYS), route_attempts=attempts, **kw)
@@ -701,7 +718,7 @@ VERSIONS = http(body={"versions": ["v1.12"]})
 
 
 def client_facts(attempts: list[Attempt], base: str = f"https://{D}:8443") -> Facts:
-    return facts(upstream=up(versions=VERSIONS),
+    return facts(upstream=up(versions=VERSIONS), wk_listener="client", wk_host=S,
                  wk_client=http(body={"m.homeserver": {"base_url": base}}, headers=CORS),
                  client_attempts=attempts, dns=dict(DNS_OK))
 

@@ -555,9 +555,13 @@ def _doc_common(f: Facts, http: Http | None, which: str) -> Result | None:
     check = f"wellknown.{which}"
     if http is None:
         return Result(check, "", SKIP, "no listener the doctor can reach")
-    via = f"through listener '{f.wk_listener}'"
     if http.error:
-        return Result(check, "", FAIL, f"no answer {via}: {http.error}",
+        if not f.wk_listener:
+            return Result(check, "", FAIL, f"no answer from {_remote(f)}: {http.error}",
+                          f"serve https://{_host_of(f.wk_host)}/ (or let the gate answer for "
+                          "that name)")
+        return Result(check, "", FAIL,
+                      f"no answer through listener '{f.wk_listener}': {http.error}",
                       "start the gate, or check the listener's bind")
     if http.status == 421:
         i = index_of(f.cfg, f.wk_listener)
@@ -570,13 +574,27 @@ def check_wellknown(f: Facts) -> list[Result]:
     return [_wk_server(f), _wk_client(f)]
 
 
+def _remote(f: Facts) -> str:
+    return f"https://{_host_of(f.wk_host)}/"
+
+
 def _source(f: Facts) -> str:
-    """Who answers the documents: the gate when [well_known] is set (a
-    document it lacks is a 404 of its own), else the homeserver."""
+    """Who answers the documents: another server at https://<server name>/,
+    the gate when [well_known] is set (a document it lacks is a 404 of its
+    own), else the homeserver."""
+    if not f.wk_listener:
+        return _remote(f)
     return "the gate's [well_known]" if f.cfg.well_known else "the homeserver, forwarded"
 
 
+def _gate_serves(f: Facts, which: str) -> bool:
+    wk = f.cfg.well_known
+    return bool(f.wk_listener and wk and getattr(wk, which))
+
+
 def _not_served(f: Facts, which: str) -> str:
+    if not f.wk_listener:
+        return f"not served (404 at {_remote(f)})"
     if f.cfg.well_known:
         return f"not served ([well_known] has no {which})"
     return "not served (404 from the homeserver)"
@@ -588,7 +606,7 @@ def _wk_server(f: Facts) -> Result:
     if common:
         return common
     assert http is not None
-    configured = bool(f.cfg.well_known and f.cfg.well_known.server)
+    configured = _gate_serves(f, "server")
     src = _source(f)
     if http.status == 404 and not configured:
         return Result("wellknown.server", "", PASS,
@@ -621,8 +639,9 @@ def _wk_server(f: Facts) -> Result:
         notes.append(f"Content-Type is {ctype or 'missing'}, not application/json")
     msg = f"{http.body.decode(errors='replace')} from {src}"
     if notes:
-        return Result("wellknown.server", "", status, f"{msg}; " + "; ".join(notes),
-                      "let the gate serve it: set [well_known] server")
+        fix = (f"make {_remote(f)} send them" if not f.wk_listener else
+               "let the gate serve it: set [well_known] server")
+        return Result("wellknown.server", "", status, f"{msg}; " + "; ".join(notes), fix)
     return Result("wellknown.server", "", PASS, f"{msg}, JSON with CORS headers")
 
 
@@ -640,7 +659,7 @@ def _wk_client(f: Facts) -> Result:
     if common:
         return common
     assert http is not None
-    configured = bool(f.cfg.well_known and f.cfg.well_known.client)
+    configured = _gate_serves(f, "client")
     src = _source(f)
     if http.status == 404 and not configured:
         return Result("wellknown.client", "", WARN,
@@ -672,8 +691,13 @@ def _wk_client(f: Facts) -> Result:
     cors = http.header(_CORS)
     if cors != "*":
         what = f"no {_CORS} header" if cors is None else f"{_CORS} is {cors!r}, not '*'"
-        fix = ("let the gate serve the documents with CORS: add [well_known] with client = "
-               f"\"{base}\"" if not configured else "report this: the gate sends CORS")
+        if not f.wk_listener:
+            fix = f"make {_remote(f)} send Access-Control-Allow-Origin: * with it"
+        elif configured:
+            fix = "report this: the gate sends CORS"
+        else:
+            fix = ("let the gate serve the documents with CORS: add [well_known] with client = "
+                   f"\"{base}\"")
         return Result("wellknown.client", "", FAIL,
                       f"/.well-known/matrix/client from {src} has {what}: web clients "
                       "cannot read it", fix)
@@ -709,6 +733,9 @@ def _endpoint_fix(f: Facts, att: Attempt, role: str, doc_key: str,
                       f"{scheme}{name}:{lst.bind.port})")
     if configured:
         return f"no listener of this gate binds port {att.port}: set {doc_key}" + suggestion
+    if not f.wk_listener:
+        return (f"no listener of this gate binds port {att.port}: correct the document at "
+                f"{_remote(f)}" + suggestion)
     return (f"no listener of this gate binds port {att.port}: correct the homeserver's "
             f"/.well-known document, or add [well_known] {doc_key.split('.')[-1]}" + suggestion)
 
@@ -743,7 +770,7 @@ def _delegation_server(f: Facts) -> Result:
         return Result(check, "", FAIL, f"{path}: {route.problem}",
                       f"add A/AAAA records with the address of this gate ({dns_fix})")
     keys = f.upstream["keys"]
-    configured = bool(f.cfg.well_known and f.cfg.well_known.server)
+    configured = _gate_serves(f, "server")
     first_bad: tuple[Attempt, str, str] | None = None
     for att in f.route_attempts:
         addr = discovery.join_host_port(att.address, att.port)
@@ -830,7 +857,7 @@ def _delegation_client(f: Facts) -> Result:
         return Result(check, "", FAIL, f"base_url {base}: {host} has no A or AAAA record"
                       + (f" ({errors})" if errors else ""),
                       f"add an A/AAAA record for {host} with the address of this gate")
-    configured = bool(f.cfg.well_known and f.cfg.well_known.client)
+    configured = _gate_serves(f, "client")
     first_bad: tuple[str, str] | None = None
     for att in f.client_attempts:
         addr = discovery.join_host_port(att.address, att.port)

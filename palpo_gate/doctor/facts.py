@@ -98,7 +98,8 @@ class Facts:
     tls: dict[str, list[TlsProbe]] = field(default_factory=dict)
     #: listeners whose address the doctor cannot know (systemd sockets)
     unreachable: dict[str, str] = field(default_factory=dict)
-    #: the delegation documents as the gate answers them
+    #: the delegation documents, as the gate answers them (through listener
+    #: wk_listener), or as https://<server name>/ answers them (wk_listener "")
     wk_listener: str = ""
     wk_host: str = ""  # the Host they were asked for: the server name
     wk_server: Http | None = None

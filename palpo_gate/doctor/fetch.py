@@ -34,6 +34,8 @@ from . import checks, discovery
 from .facts import AdminProbe, Attempt, Facts, Http, Lookup, TlsProbe
 
 TIMEOUT = 5.0  # seconds, per connection, handshake, request or DNS lookup
+#: Where remote servers and clients fetch https://<server name>/.well-known/...
+WELL_KNOWN_PORT = 443
 MAX_BODY = 1 << 20
 #: OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the chain is judged apart from the
 #: dates, which tls.expiry reports with the thresholds of its own.
@@ -250,13 +252,42 @@ def _upstream_base(cfg: Config) -> tuple[str, str]:
     return _base("http", u.host, u.port), ""
 
 
-def _pick_wk_listener(cfg: Config, reachable: list[Listener]) -> Listener | None:
+def _pick_wk_listener(reachable: list[Listener], host: str | None) -> Listener | None:
     """The listener a remote's ``https://<server name>/.well-known/...`` most
-    likely reaches: a TLS client listener, on 443 if there is one."""
+    likely reaches: one that answers for that host, a TLS client listener, on
+    443 if there is one."""
     def rank(lst: Listener) -> tuple[bool, bool, bool]:
         return (lst.role != "client", lst.tls is None,
-                not (lst.bind.kind == "tcp" and lst.bind.port == 443))
-    return min(reachable, key=rank, default=None)
+                not (lst.bind.kind == "tcp" and lst.bind.port == WELL_KNOWN_PORT))
+    answering = [lst for lst in reachable
+                 if host is None or lst.hosts is None or host in lst.hosts]
+    return min(answering, key=rank, default=None)
+
+
+async def _well_known_remotely(facts: Facts, client: _Client, dns_: _Dns,
+                               remote: ssl.SSLContext) -> tuple[Http | None, Http | None]:
+    """The documents at ``https://<server name>/``, fetched as a remote server
+    or client fetches them: the name's addresses from DNS, port 443, the
+    certificate verified. (None, None) when no address answers."""
+    assert facts.server_name is not None
+    host, port = discovery.split_host_port(facts.server_name)
+    if port is not None or discovery.is_ip(host):
+        return None, None  # such names are not delegated (Matrix spec, steps 1-2)
+    got: Any = None
+    for _ in range(4):
+        got = discovery.addresses(host, WELL_KNOWN_PORT, facts.dns)
+        if not isinstance(got, discovery.Need):
+            break
+        facts.dns[(got.qname, got.qtype)] = await dns_.lookup(got.qname, got.qtype)
+    for address, p in (got[0] if isinstance(got, tuple) else ())[:4]:
+        base = _base("https", address, p)
+        server = await client.get(base, "/.well-known/matrix/server", host=host, sni=host,
+                                  verify=remote)
+        if server.error:
+            continue
+        return server, await client.get(base, "/.well-known/matrix/client", host=host,
+                                        sni=host, verify=remote)
+    return None, None
 
 
 async def _resolve(dns_: _Dns, facts: Facts, server_name: str, m_server: str | None
@@ -311,14 +342,29 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
                                      for lst in reachable))
     facts.health = {lst.name: h for lst, h in zip(reachable, healths, strict=True)}
 
-    # The delegation documents, as the gate answers them for the server name.
-    wk = _pick_wk_listener(cfg, reachable)
+    dns_ = _Dns(resolver)
+    facts.dns_resolver = dns_.where
+
+    # The delegation documents, as the gate answers them for the server name
+    # (a gate that answers for it is where https://<server name>/ leads) ...
+    s_host = None
+    with contextlib.suppress(ValueError):
+        s_host = discovery.split_host_port(facts.server_name)[0] if facts.server_name else None
+    wk = _pick_wk_listener(reachable, s_host)
     if wk is not None:
         host = facts.server_name or _listener_host(facts, wk)
         gate = _Gate(client, wk, host)
         facts.wk_listener, facts.wk_host = wk.name, host
         facts.wk_server, facts.wk_client = await asyncio.gather(
             gate.get("/.well-known/matrix/server"), gate.get("/.well-known/matrix/client"))
+    # ... or, when no listener answers for it or the gate has no document, as
+    # they are at https://<server name>/ (the main website often serves them).
+    if facts.server_name is not None and (wk is None or facts.wk_server is None
+                                          or facts.wk_server.status != 200):
+        server, client_doc = await _well_known_remotely(facts, client, dns_, remote)
+        if server is not None and (server.status == 200 or wk is None):
+            facts.wk_server, facts.wk_client = server, client_doc
+            facts.wk_listener, facts.wk_host = "", facts.server_name
     wkc = cfg.well_known
     m_server = checks.server_doc(facts.wk_server) or (wkc.server if wkc else None) or None
     base_url = checks.client_doc(facts.wk_client) or (wkc.client if wkc else None) or None
@@ -336,8 +382,6 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
         facts.tls[name] = list(await asyncio.gather(*coros))
 
     # Discovery, as a remote server does it.
-    dns_ = _Dns(resolver)
-    facts.dns_resolver = dns_.where
     if facts.server_name is not None:
         served = checks.server_doc(facts.wk_server)
         route = await _resolve(dns_, facts, facts.server_name, served)
