@@ -1,5 +1,5 @@
 """The command line: ``palpo-gate [--config PATH]``, ``palpo-gate check``,
-``palpo-gate --version`` (SPEC section 6).
+``palpo-gate doctor``, ``palpo-gate --version`` (SPEC section 6).
 
 This module owns exit statuses: 0 for a clean stop or a valid config, 2 for
 a config that cannot be used (every error printed with its key path, no
@@ -32,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the config and print the effective config")
     check.add_argument("--config", "-c", metavar="PATH", dest="check_config",
                        help="the TOML config file")
+    doctor = sub.add_parser("doctor", help="check the running deployment the way remote "
+                            "servers and clients see it; exit 1 when a check fails")
+    doctor.add_argument("--config", "-c", metavar="PATH", dest="doctor_config",
+                        help="the TOML config file")
+    doctor.add_argument("--cafile", metavar="PEM",
+                        help="also trust this CA (PEM) besides the system store")
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.add_argument("--resolver", metavar="HOST:PORT",
+                        help="ask this DNS server (default: the system's resolvers)")
     return p
 
 
@@ -44,6 +53,11 @@ def _fail_config(exc: configmod.ConfigError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        from . import doctor
+
+        return doctor.main(args.doctor_config or args.config, args.cafile, args.json,
+                           args.resolver)
     path = getattr(args, "check_config", None) or args.config
     try:
         cfg = configmod.load(path)
