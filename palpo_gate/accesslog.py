@@ -45,18 +45,20 @@ in the target stays byte for byte as the client sent it.
 
 Cost: the timestamps are formatted once a second, listener names once, and a
 target with neither ``%`` nor a secret name in its query is not split; a
-line is one ``write`` and ``flush`` on stdout, one ``write(2)`` that stays
-whole when several workers share the stream (up to PIPE_BUF bytes).
+line is one non-blocking ``write(2)`` on stdout through :mod:`logpipe`,
+which stays whole when several workers share the stream (up to PIPE_BUF
+bytes) and never holds the event loop when nothing reads stdout.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import unquote_to_bytes
+
+from . import logpipe
 
 log = logging.getLogger("palpo_gate")
 
@@ -186,13 +188,13 @@ def _protocol(version: Any) -> str:
 class AccessLog:
     """Formats and writes access lines for one config generation."""
 
-    def __init__(self, fmt: str, stream: TextIO | None = None) -> None:
+    def __init__(self, fmt: str, out: logpipe.LogPipe | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {FORMATS}, not {fmt!r}")
         self.format = fmt
         #: read by the handler before it builds a record; off after stdout broke
         self.enabled = fmt != "off"
-        self._stream = stream  # None: sys.stdout at write time
+        self._out = out  # None: the process's stdout, at the first write
         self._clock = _Clock()
         self._line = self._json if fmt == "json" else self._plain
         #: listener name → (plain field, JSON string), built once per name
@@ -204,19 +206,18 @@ class AccessLog:
 
         *rec* carries ``upstream_status`` (0: the gate answered itself),
         ``bytes_in``, ``bytes_out`` and ``error``; *resp* is None when the
-        client went away before any answer (logged as 499). Never raises: a
-        request is not failed because its log line could not be written.
+        client went away before any answer (logged as 499). Never raises nor
+        waits: a request is not failed or held because its log line could
+        not be written (see :mod:`logpipe`).
         """
         line = self.line(request, listener, client, rec, started, rid, resp)
-        stream = self._stream if self._stream is not None else sys.stdout
-        try:
-            if stream is None:  # started with stdout closed
-                raise ValueError("there is no stdout")
-            stream.write(line)
-            stream.flush()
-        except (OSError, ValueError) as exc:  # stdout closed or gone: it will not come back
+        out = self._out
+        if out is None:
+            out = self._out = logpipe.stdout()
+        # Lines are ASCII (both formats escape everything else).
+        if not out.write(line.encode()):  # stdout closed or gone: it will not come back
             self.enabled = False
-            log.error("access log disabled: cannot write to stdout: %s", exc)
+            log.error("access log disabled: cannot write to %s: %s", out.name, out.broken)
 
     def line(self, request: Any, listener: str, client: str, rec: Any, started: float,
              rid: bytes, resp: Any) -> str:

@@ -25,8 +25,8 @@ import socket
 from collections.abc import Callable
 
 from . import config as configmod
+from . import logpipe, systemd
 from . import metrics as metricsmod
-from . import systemd
 from .server import Gate, serve_metrics
 
 log = logging.getLogger("palpo_gate")
@@ -58,7 +58,8 @@ class Process:
     async def run(self, on_ready: Callable[[], object] | None = None) -> int:
         loop = asyncio.get_running_loop()
         if self.cfg.metrics is not None:
-            self.metrics = metricsmod.Registry(lst.name for lst in self.cfg.listeners)
+            self.metrics = metricsmod.Registry((lst.name for lst in self.cfg.listeners),
+                                               log_drops=logpipe.dropped)
         self.gate = gate = Gate(self.cfg, passed=self._passed, reuse_port=self._reuse_port,
                                 metrics=self.metrics)
         await gate.start()

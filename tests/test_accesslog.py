@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import io
 import json
+import os
 import pathlib
 import re
 import threading
@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from conftest import free_port
 
-from palpo_gate import accesslog
+from palpo_gate import accesslog, logpipe
 from palpo_gate.accesslog import AccessLog, escape, escape_bare, redact_target
 from tests.support.gate import run_gate
 from tests.support.recorder import Recorder, recorder
@@ -241,31 +241,41 @@ def test_timestamps_are_formatted_once_a_second() -> None:
         assert clock.plain is first
 
 
-def test_write_goes_to_the_stream_one_line_each() -> None:
-    out = io.StringIO()
-    log = AccessLog("json", stream=out)
-    request = make_mocked_request("GET", "/a")
-    for _ in range(3):
-        log.write(request, "client", "127.0.0.1", record(), time.monotonic(), b"r",
-                  web.Response(status=404))
-    lines = out.getvalue().splitlines()
+@contextlib.contextmanager
+def os_pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        for fd in (r, w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def test_write_goes_to_the_descriptor_one_line_each() -> None:
+    with os_pipe() as (r, w):
+        log = AccessLog("json", logpipe.LogPipe(w, "stdout"))
+        request = make_mocked_request("GET", "/a")
+        for _ in range(3):
+            log.write(request, "client", "127.0.0.1", record(), time.monotonic(), b"r",
+                      web.Response(status=404))
+        lines = os.read(r, 65536).decode("utf-8").splitlines()
     assert len(lines) == 3 and all(json.loads(x)["target"] == "/a" for x in lines)
 
 
 def test_a_broken_stdout_disables_the_log_without_failing_the_request() -> None:
-    class Broken(io.StringIO):
-        def write(self, s: str) -> int:
-            raise BrokenPipeError("gone")
-
-    log = AccessLog("plain", stream=Broken())
-    log.write(make_mocked_request("GET", "/a"), "client", "127.0.0.1", record(),
-              time.monotonic(), b"r", None)
+    with os_pipe() as (r, w):
+        os.close(r)  # the reader is gone: EPIPE
+        log = AccessLog("plain", logpipe.LogPipe(w, "stdout"))
+        log.write(make_mocked_request("GET", "/a"), "client", "127.0.0.1", record(),
+                  time.monotonic(), b"r", None)
     assert log.enabled is False
 
 
-def test_no_stdout_at_all_disables_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.stdout", None)
-    log = AccessLog("json")
+def test_no_stdout_at_all_disables_the_log() -> None:
+    with os_pipe() as (_, w):
+        pass  # both closed: as a gate started with stdout closed
+    log = AccessLog("json", logpipe.LogPipe(w, "stdout"))
     log.write(make_mocked_request("GET", "/a"), "client", "127.0.0.1", record(),
               time.monotonic(), b"r", None)
     assert log.enabled is False
