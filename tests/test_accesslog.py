@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import threading
 import time
 import types
@@ -63,6 +64,14 @@ REDACTION = [
     ("/x?a=access_token=abc", "/x?a=access_token=abc"),
     ("/x?access+token=abc", "/x?access+token=abc"),
     ("/x?%2561ccess_token=abc", "/x?%2561ccess_token=abc"),  # decoded once: "%61ccess_token"
+    # The 3PID validation link's secrets (Synapse redacts client_secret too).
+    ("/_matrix/client/v3/register/email/submit_token?sid=s1&client_secret=CS&token=T",
+     f"/_matrix/client/v3/register/email/submit_token?sid=s1&client_secret={R}&token={R}"),
+    ("/x?CLIENT_SECRET=a&Token=b", f"/x?CLIENT_SECRET={R}&Token={R}"),
+    ("/x?client%5Fsecret=a", f"/x?client%5Fsecret={R}"),
+    ("/x?tok%65n=a", f"/x?tok%65n={R}"),
+    ("/x?tokens=a&my_token=b&client_secrets=c", "/x?tokens=a&my_token=b&client_secrets=c"),
+    ("/x?sid=1&secret=a", "/x?sid=1&secret=a"),
     ("/x/access_token=abc", "/x/access_token=abc"),  # a path, not a query
     ("/x?q=%2F%2f", "/x?q=%2F%2f"),
 ]
@@ -281,6 +290,60 @@ def test_no_stdout_at_all_disables_the_log() -> None:
     assert log.enabled is False
 
 
+# Bytes that are not UTF-8: raw 0xFF, a lone lead byte, a lone continuation byte.
+_BAD_UTF8 = b"caf\xc3 \xff\x80 ok \xc3\xa9"
+
+
+def test_json_lines_are_valid_unicode_whatever_the_bytes() -> None:
+    """Header values carry bytes that are not UTF-8 (obs-text) as lone
+    surrogates; the JSON line escapes them as the text \\xHH instead, so a
+    strict reader (UTF-8 decoding, no lone surrogates) takes every line."""
+    text = _BAD_UTF8.decode("utf-8", "surrogateescape")
+    with os_pipe() as (r, w):
+        log = AccessLog("json", logpipe.LogPipe(w, "stdout"))
+        # As aiohttp's C parser hands them over (make_mocked_request cannot).
+        headers = {"User-Agent": text, "Referer": "https://r/" + text}
+        log.write(accesslog.RefusedRequest("GET", "/a", (1, 1), headers),
+                  "client", "127.0.0.1", record(), time.monotonic(), b"r", web.Response())
+        log.write(accesslog.RefusedRequest.from_line(b"G\xffT /p\xfe?access_token=s HTTP/1.1"),
+                  "client", "127.0.0.1", record(), time.monotonic(), b"r", web.Response())
+        raw = os.read(r, 65536)
+    lines = raw.decode("utf-8").splitlines()  # strict
+    assert len(lines) == 2
+    first, second = (json.loads(x) for x in lines)
+    want = "caf\\xC3 \\xFF\\x80 ok \u00e9"  # valid UTF-8 stays a character
+    assert first["user_agent"] == want
+    assert first["referer"] == "https://r/" + want
+    assert (second["method"], second["target"]) == ("G\\xFFT", f"/p\\xFE?access_token={R}")
+    for doc in (first, second):
+        # No lone surrogate anywhere: every value encodes as UTF-8.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+
+REFUSED_LINES = [
+    # (raw start of the head, method, target, protocol)
+    (None, "-", "-", "-"),
+    (b"", "-", "-", "-"),
+    (b"GET /x?access_token=t HTTP/1.1\r\nHost: a\r\n\r\n", "GET",
+     f"/x?access_token={R}", "HTTP/1.1"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "PRI", "*", "HTTP/2.0"),
+    (b"GET /" + b"a" * 3000, "GET", "/" + "a" * 1023 + "...", "-"),  # 414: cut, no protocol
+    (b"GET /x HTTP/1.1 extra\r\n", "GET", "/x", "-"),
+    (b"\x16\x03\x01\x00\xa5\x01", "\\x16\\x03\\x01\\x00\\xA5\\x01", "-", "-"),  # TLS
+]
+
+
+@pytest.mark.parametrize(("raw", "method", "target", "protocol"), REFUSED_LINES)
+def test_refused_request_line(raw: bytes | None, method: str, target: str,
+                              protocol: str) -> None:
+    request = accesslog.RefusedRequest.from_line(raw)
+    out = AccessLog("plain").line(request, "client", "192.0.2.7",
+                                  record(error="bad_request"), time.monotonic(), b"r",
+                                  web.Response(status=400, body=b"{}"))
+    assert f'"{method} {target} {protocol}" 400 2 "-" "-" listener=client' in out, out
+    assert out.endswith(" error=bad_request\n")
+
+
 def test_formats() -> None:
     assert AccessLog("off").enabled is False
     assert AccessLog("json").enabled and AccessLog("plain").enabled
@@ -435,3 +498,37 @@ def test_off_writes_nothing(tmp_path: pathlib.Path) -> None:
         conn.close()
         assert len(upstream.requests) == 1
     assert gp.stdout_lines == []
+
+
+# ---------------------------------------------------------------------------
+# Invalid UTF-8 from the real process
+
+
+def raw_exchange(port: int, *requests: bytes) -> list[bytes]:
+    """Send each request on one connection after the answer to the one before;
+    the raw answers (the last one read until the gate closes)."""
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for i, req in enumerate(requests):
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+                if i < len(requests) - 1 and b"\r\n\r\n" in data:
+                    break  # /health: a short answer, the connection stays open
+            answers.append(data)
+    return answers
+
+
+def test_json_lines_of_the_real_process_are_valid_unicode(tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    with run_gate(gate_config(9, port, "json"), tmp_path) as gp:
+        [answer] = raw_exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                                      b"User-Agent: caf\xc3 \xff\xc3\xa9\r\n"
+                                      b"Referer: https://r.example/\xfe\r\n\r\n")
+        wait_lines(gp.stdout_lines, 1)
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    [doc] = [json.loads(x.encode("utf-8").decode("utf-8")) for x in gp.stdout_lines]
+    assert doc["user_agent"] == "caf\\xC3 \\xFF\u00e9"
+    assert doc["referer"] == "https://r.example/\\xFE"
+    json.dumps(doc, ensure_ascii=False).encode("utf-8")  # no lone surrogate
