@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import types
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -22,6 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from conftest import free_port
+from test_metrics import parse, values
 
 from palpo_gate import accesslog, logpipe
 from palpo_gate.accesslog import AccessLog, escape, escape_bare, redact_target
@@ -501,7 +503,7 @@ def test_off_writes_nothing(tmp_path: pathlib.Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Invalid UTF-8 from the real process
+# Requests refused before they were parsed whole (the real process)
 
 
 def raw_exchange(port: int, *requests: bytes) -> list[bytes]:
@@ -518,6 +520,73 @@ def raw_exchange(port: int, *requests: bytes) -> list[bytes]:
                     break  # /health: a short answer, the connection stays open
             answers.append(data)
     return answers
+
+
+def metric_values(port: int, name: str) -> dict[tuple[str, ...], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return values(parse(r.read()), name)
+
+
+REFUSED = [
+    # (name, requests on one connection, status, error word, method, target, protocol)
+    ("malformed", [b"GET /_matrix/client/v3/sync?access_token=SECRET1 HTTP/1.1\r\n"
+                   b"Host: a\r\nBad Header: y\r\n\r\n"],
+     400, "bad_request", "GET", f"/_matrix/client/v3/sync?access_token={R}", "HTTP/1.1"),
+    ("malformed after /health", [b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n",
+                                 b"POST /_matrix/x?client_secret=SECRET2&token=SECRET3 "
+                                 b"HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n"],
+     400, "bad_request", "POST", f"/_matrix/x?client_secret={R}&token={R}", "HTTP/1.1"),
+    ("414", [b"GET /_matrix/" + b"a" * 9000 + b"?access_token=SECRET4 HTTP/1.1\r\n\r\n"],
+     414, "uri_too_long", "GET", "/_matrix/" + "a" * 1015 + "...", "-"),
+    ("431 field", [b"GET /_matrix/y HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n"],
+     431, "header_too_large", "GET", "/_matrix/y", "HTTP/1.1"),
+    ("431 head", [b"GET /_matrix/z?access_token=SECRET5 HTTP/1.1\r\nHost: a\r\n"
+                  b"User-Agent: big-head/1\r\n"
+                  + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 8000) for i in range(8)) + b"\r\n"],
+     431, "head_too_large", "GET", f"/_matrix/z?access_token={R}", "HTTP/1.1"),
+    ("505", [b"GET /_matrix/client/versions HTTP/2.0\r\nHost: a\r\n\r\n"],
+     505, "version_not_supported", "GET", "/_matrix/client/versions", "HTTP/2.0"),
+    ("h2 preface", [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"],
+     400, "http2_preface", "PRI", "*", "HTTP/2.0"),
+]
+
+
+def test_refused_requests_get_an_access_line_and_a_count(tmp_path: pathlib.Path) -> None:
+    """400 / 414 / 431 / 505 and the HTTP/2 preface: each gets a Matrix JSON
+    answer, an access line (as much of the request as was read, redacted) and
+    its count under route="bad_request". At level debug the refusal is
+    logged, redacted too: never the raw request line with its token."""
+    port, metrics_port = free_port(), free_port()
+    toml = gate_config(9, port, "json").replace('level = "info"', 'level = "debug"') + (
+        f'[metrics]\nbind = "127.0.0.1:{metrics_port}"\n')
+    with run_gate(toml, tmp_path) as gp:
+        answers = {name: raw_exchange(port, *reqs)[-1] for name, reqs, *_ in REFUSED}
+        wait_lines(gp.stdout_lines, len(REFUSED))
+        counts = metric_values(metrics_port, "palpo_gate_requests_total")
+    lines = [json.loads(x) for x in gp.stdout_lines]
+    assert len(lines) == len(REFUSED), gp.stdout_lines
+    for (name, _, status, word, method, target, protocol), doc in zip(REFUSED, lines,
+                                                                      strict=True):
+        answer = answers[name]
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == str(status).encode(), (name, answer[:200])
+        assert json.loads(body)["errcode"] == "M_UNKNOWN"
+        assert b"\r\nAccess-Control-Allow-Origin: *\r\n" in head
+        rid = re.search(rb"\r\nX-Request-ID: (\S+)\r\n", head)
+        assert rid is not None and doc["request_id"] == rid[1].decode()
+        assert (doc["status"], doc["error"], doc["method"], doc["target"], doc["protocol"]) == (
+            status, word, method, target, protocol), name
+        assert (doc["client"], doc["listener"], doc["upstream_status"], doc["bytes_out"]) == (
+            "127.0.0.1", "main", None, len(body))
+    assert lines[4]["user_agent"] == "big-head/1"  # parsed whole, then refused
+    assert {k: v for k, v in counts.items() if k[1] == "bad_request"} == {
+        ("main", "bad_request", "400"): 3, ("main", "bad_request", "414"): 1,
+        ("main", "bad_request", "431"): 2, ("main", "bad_request", "505"): 1}
+    debug = [x for x in gp.stderr_lines if "refused a request" in x]
+    assert len(debug) == len(REFUSED)
+    assert "GET /_matrix/client/v3/sync?access_token=<redacted>" in debug[0]
+    for text in ("".join(gp.stdout_lines), "".join(gp.stderr_lines)):
+        assert "SECRET" not in text
 
 
 def test_json_lines_of_the_real_process_are_valid_unicode(tmp_path: pathlib.Path) -> None:

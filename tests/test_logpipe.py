@@ -309,3 +309,39 @@ def test_a_stdout_nobody_reads_never_stops_the_gate(tmp_path: pathlib.Path) -> N
         wait_for(lambda: any("log line(s) to stdout dropped" in x for x in gp.stderr_lines))
     warning = next(x for x in gp.stderr_lines if "log line(s) to stdout dropped" in x)
     assert "WARNING" in warning
+
+
+BAD = ("GET /_matrix/client/v3/sync?n={n}&pad=" + PAD + "&access_token=SECRET HTTP/1.1\r\n"
+       "Host: a\r\nBad Header: y\r\n\r\n")
+
+
+def malformed(port: int, n: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(BAD.format(n=n).encode())
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    return answer
+
+
+def test_a_stderr_nobody_reads_never_stops_the_gate(tmp_path: pathlib.Path) -> None:
+    """At level debug every refused request writes a line to stderr."""
+    port, metrics_port = free_port(), free_port()
+    with run_gate(config("http://127.0.0.1:9", port, metrics_port, level="debug"), tmp_path,
+                  ) as gp:
+        gp.stderr_reading.clear()
+        time.sleep(0.3)
+        slowest = 0.0
+        for n in range(1200):
+            assert malformed(port, n).startswith(b"HTTP/1.0 400 ")
+            if n % 100 == 0:
+                slowest = max(slowest, health_seconds(port))
+        assert max(slowest, health_seconds(port)) < 1.0
+        lost = dropped(metrics_port)
+        assert lost[("stderr",)] > 0
+
+        gp.stderr_reading.set()
+        for n in range(5):
+            malformed(port, 100_000 + n)
+        wait_for(lambda: sum("n=10000" in x for x in gp.stderr_lines) == 5)
+    assert "SECRET" not in "".join(gp.stderr_lines)
