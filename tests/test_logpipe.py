@@ -16,6 +16,7 @@ import logging
 import os
 import pathlib
 import re
+import resource
 import socket
 import threading
 import time
@@ -345,3 +346,40 @@ def test_a_stderr_nobody_reads_never_stops_the_gate(tmp_path: pathlib.Path) -> N
             malformed(port, 100_000 + n)
         wait_for(lambda: sum("n=10000" in x for x in gp.stderr_lines) == 5)
     assert "SECRET" not in "".join(gp.stderr_lines)
+
+
+def _few_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_running_out_of_file_descriptors_is_logged_once(tmp_path: pathlib.Path) -> None:
+    """uvloop's libuv accepts and closes connections itself at EMFILE; the
+    gate says so once (not per connection), and again when it is over."""
+    port = free_port()
+    toml = f"""
+[upstream]
+url = "http://127.0.0.1:9"
+[[listeners]]
+name = "main"
+bind = "127.0.0.1:{port}"
+role = "client"
+"""
+    with run_gate(toml, tmp_path, preexec_fn=_few_fds) as gp:
+        clients = []
+        try:
+            for _ in range(150):  # more connections than the gate has descriptors
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(3.5)
+
+            def out_lines() -> list[str]:
+                return [x for x in gp.stderr_lines if "out of file descriptors" in x]
+
+            wait_for(lambda: out_lines())
+            assert len(out_lines()) == 1, out_lines()
+            assert "RLIMIT_NOFILE 64" in out_lines()[0] and "ERROR" in out_lines()[0]
+        finally:
+            for c in clients:
+                c.close()
+        wait_for(lambda: any("file descriptors available again" in x for x in gp.stderr_lines))
+        assert health_seconds(port) < 5.0
+
