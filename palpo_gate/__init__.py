@@ -19,6 +19,7 @@ The design in brief:
 - ``server``    listening sockets, aiohttp's low-level server per listener,
                 connection limits, the run loop and graceful stop.
 - ``accesslog`` one line per request.
+- ``logpipe``   stdout and stderr written without ever blocking the event loop.
 - ``cli``       ``palpo-gate [check] [--config PATH]``.
 
 routing, headers, config and wellknown know nothing of sockets and are tested

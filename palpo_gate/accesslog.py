@@ -29,12 +29,23 @@ fields; the unquoted fields also escape the space. A line never holds a raw quot
 control character or newline, so it can always be split.
 
 ``json`` writes one object per line; strings are escaped by the JSON rules
-with non-ASCII as ``\\uXXXX``; absent values are ``null``.
+with non-ASCII as ``\\uXXXX``; absent values are ``null``. Bytes of the
+target, User-Agent or Referer that are not UTF-8 become the text ``\\xHH``
+(as in ``plain``), so every line is valid Unicode for a strict JSON reader
+(a lone surrogate ``\\udcXX`` is not).
 
-Redaction (the Matrix client API accepts ``?access_token=`` as a credential,
-client-server API "Using access tokens"): in the query (everything after the
-first ``?``) of the target and of the Referer, each ``&``-separated parameter
-whose name is ``access_token`` has its value replaced by ``<redacted>``. The
+A request the gate refused before it was parsed whole (400 malformed, 414,
+431, 505, the HTTP/2 preface) gets a line too: method, target and protocol
+as far as they were read, else ``-``; no upstream status.
+
+Redaction: in the query (everything after the first ``?``) of the target and
+of the Referer, each ``&``-separated parameter named in
+:data:`SECRET_PARAMS` has its value replaced by ``<redacted>``: the Matrix
+client API accepts ``?access_token=`` as a credential (client-server API
+"Using access tokens"); ``client_secret=`` and ``token=`` are what the
+3PID validation links (``.../submit_token?sid=&client_secret=&token=``)
+carry. Synapse redacts ``access_token`` and ``client_secret``
+(``synapse/http/__init__.py``, ``redact_uri``). The
 name is compared after percent-decoding (once) and ASCII lower-casing: a
 form-urlencoded query parser, as Palpo's web framework uses, decodes names,
 so ``%61ccess_token=`` is a token too, and an over-redacted log line costs
@@ -45,18 +56,22 @@ in the target stays byte for byte as the client sent it.
 
 Cost: the timestamps are formatted once a second, listener names once, and a
 target with neither ``%`` nor a secret name in its query is not split; a
-line is one ``write`` and ``flush`` on stdout, one ``write(2)`` that stays
-whole when several workers share the stream (up to PIPE_BUF bytes).
+line is one non-blocking ``write(2)`` on stdout through :mod:`logpipe`,
+which stays whole when several workers share the stream (up to PIPE_BUF
+bytes) and never holds the event loop when nothing reads stdout.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
-import sys
+import re
 import time
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import unquote_to_bytes
+
+from . import logpipe
 
 log = logging.getLogger("palpo_gate")
 
@@ -65,8 +80,10 @@ FORMATS = ("plain", "json", "off")
 #: What a redacted value reads as.
 REDACTED = "<redacted>"
 #: Query parameters whose values never reach the log (decoded, lower-case).
-SECRET_PARAMS = frozenset({b"access_token"})
-_SECRET_NAMES = tuple(sorted(n.decode() for n in SECRET_PARAMS))
+SECRET_PARAMS = frozenset({b"access_token", b"client_secret", b"token"})
+#: Substrings one of which every secret name contains ("token" covers
+#: "access_token"): a query with none of them is not split.
+_SECRET_HINTS = ("token", "client_secret")
 
 # nginx escape=default: '"', '\' and bytes outside 0x20..0x7E become \xHH.
 _QUOTED = tuple(
@@ -78,7 +95,15 @@ _BARE = tuple("\\x20" if b == 0x20 else s for b, s in enumerate(_QUOTED))
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
            "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
-_PROTOCOLS = {(1, 1): "HTTP/1.1", (1, 0): "HTTP/1.0", (0, 9): "HTTP/0.9"}
+#: None: the protocol of a refused request that was not read.
+_PROTOCOLS: dict[Any, str] = {(1, 1): "HTTP/1.1", (1, 0): "HTTP/1.0", (0, 9): "HTTP/0.9",
+                              None: "-"}
+
+#: The longest target a refused request's line shows (a 414 may be 8 KiB
+#: or more); what is cut is marked with "...".
+REFUSED_TARGET_MAX = 1024
+_METHOD_MAX = 32
+_VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)")
 
 _JSON_LINE = (
     '{"time":%s,"client":%s,"listener":%s,"method":%s,"target":%s,"protocol":%s,'
@@ -107,7 +132,7 @@ def redact_target(target: str) -> str:
     if "%" not in query:
         # No escapes: a secret name must appear as it is (cheaper than a regex).
         lowered = query.lower()
-        for name in _SECRET_NAMES:
+        for name in _SECRET_HINTS:
             if name in lowered:
                 break
         else:
@@ -127,6 +152,24 @@ def _bytes_of(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate that no byte stands for
         return value.encode("utf-8", "backslashreplace")
+
+
+def _hex_escape(exc: UnicodeError) -> tuple[str, int]:
+    assert isinstance(exc, UnicodeDecodeError)
+    bad = exc.object[exc.start:exc.end]
+    return "".join([f"\\x{b:02X}" for b in bad]), exc.end
+
+
+codecs.register_error("palpo_gate.hex", _hex_escape)
+
+
+def json_text(value: str) -> str:
+    """*value* as a JSON string that is valid Unicode: a byte that is not part
+    of valid UTF-8 (carried as a lone surrogate by ``surrogateescape``)
+    becomes the text ``\\xHH``, never ``\\udcXX``."""
+    if value.isascii():
+        return _json_str(value)
+    return _json_str(_bytes_of(value).decode("utf-8", "palpo_gate.hex"))
 
 
 def escape(value: str) -> str:
@@ -175,8 +218,44 @@ class _Clock:
 
 
 def _protocol(version: Any) -> str:
-    proto = _PROTOCOLS.get((version[0], version[1]))
+    proto = _PROTOCOLS.get(version)
     return proto if proto is not None else f"HTTP/{version[0]}.{version[1]}"
+
+
+class RefusedRequest:
+    """What the access line says of a request refused before it was parsed
+    whole: the parts of its request line that were read, else "-"."""
+
+    __slots__ = ("headers", "method", "raw_path", "version")
+
+    def __init__(self, method: str = "-", raw_path: str = "-", version: Any = None,
+                 headers: Any = None) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        #: (major, minor), or None when not read
+        self.version = version
+        self.headers = headers if headers is not None else {}
+
+    @classmethod
+    def from_line(cls, line: bytes | None) -> RefusedRequest:
+        """The parts of a raw request line (or of its start) that can be told."""
+        if line:
+            line = line.split(b"\n", 1)[0].removesuffix(b"\r")
+        if not line:
+            return cls()
+        parts = line.split(b" ", 2)
+        method = parts[0][:_METHOD_MAX].decode("utf-8", "surrogateescape") or "-"
+        target = "-"
+        version = None
+        if len(parts) > 1 and parts[1]:
+            raw = parts[1]
+            cut = len(raw) > REFUSED_TARGET_MAX
+            target = raw[:REFUSED_TARGET_MAX].decode("utf-8", "surrogateescape")
+            if cut:
+                target += "..."
+        if len(parts) > 2 and (m := _VERSION_RE.fullmatch(parts[2])):
+            version = (int(m[1]), int(m[2]))
+        return cls(method, target, version)
 
 
 # --------------------------------------------------------------------------
@@ -186,13 +265,13 @@ def _protocol(version: Any) -> str:
 class AccessLog:
     """Formats and writes access lines for one config generation."""
 
-    def __init__(self, fmt: str, stream: TextIO | None = None) -> None:
+    def __init__(self, fmt: str, out: logpipe.LogPipe | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {FORMATS}, not {fmt!r}")
         self.format = fmt
         #: read by the handler before it builds a record; off after stdout broke
         self.enabled = fmt != "off"
-        self._stream = stream  # None: sys.stdout at write time
+        self._out = out  # None: the process's stdout, at the first write
         self._clock = _Clock()
         self._line = self._json if fmt == "json" else self._plain
         #: listener name → (plain field, JSON string), built once per name
@@ -204,19 +283,18 @@ class AccessLog:
 
         *rec* carries ``upstream_status`` (0: the gate answered itself),
         ``bytes_in``, ``bytes_out`` and ``error``; *resp* is None when the
-        client went away before any answer (logged as 499). Never raises: a
-        request is not failed because its log line could not be written.
+        client went away before any answer (logged as 499). Never raises nor
+        waits: a request is not failed or held because its log line could
+        not be written (see :mod:`logpipe`).
         """
         line = self.line(request, listener, client, rec, started, rid, resp)
-        stream = self._stream if self._stream is not None else sys.stdout
-        try:
-            if stream is None:  # started with stdout closed
-                raise ValueError("there is no stdout")
-            stream.write(line)
-            stream.flush()
-        except (OSError, ValueError) as exc:  # stdout closed or gone: it will not come back
+        out = self._out
+        if out is None:
+            out = self._out = logpipe.stdout()
+        # Lines are ASCII (both formats escape everything else).
+        if not out.write(line.encode()):  # stdout closed or gone: it will not come back
             self.enabled = False
-            log.error("access log disabled: cannot write to stdout: %s", exc)
+            log.error("access log disabled: cannot write to %s: %s", out.name, out.broken)
 
     def line(self, request: Any, listener: str, client: str, rec: Any, started: float,
              rid: bytes, resp: Any) -> str:
@@ -259,10 +337,10 @@ class AccessLog:
               status: int, bytes_out: int, duration_ms: float, rid: str,
               agent: str | None, referer: str | None) -> str:
         return _JSON_LINE % (
-            self._clock.iso_json, _json_str(client), names[1], _json_str(request.method),
-            _json_str(redact_target(request.raw_path)), _json_str(_protocol(request.version)),
+            self._clock.iso_json, _json_str(client), names[1], json_text(request.method),
+            json_text(redact_target(request.raw_path)), _json_str(_protocol(request.version)),
             status, rec.upstream_status or "null", rec.bytes_in, bytes_out, duration_ms,
             _json_str(rid),
-            _json_str(agent) if agent is not None else "null",
-            _json_str(redact_target(referer)) if referer is not None else "null",
+            json_text(agent) if agent is not None else "null",
+            json_text(redact_target(referer)) if referer is not None else "null",
             _json_str(rec.error) if rec.error else "null")

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from . import __version__
+from . import __version__, logpipe
 from . import config as configmod
 
 EXIT_CONFIG = 2
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
     worker = os.environ.get("PALPO_GATE_WORKER")
     who = f"palpo_gate[worker {worker}]" if worker is not None else "%(name)s"
-    logging.basicConfig(level=cfg.log.level.upper(), stream=sys.stderr,
+    # stderr through a bounded buffer that never blocks the event loop, as
+    # the access lines on stdout (logpipe).
+    logging.basicConfig(level=cfg.log.level.upper(), handlers=[logpipe.Handler()],
                         format=f"%(asctime)s %(levelname)s {who}: %(message)s")
     log = logging.getLogger("palpo_gate")
     if not c_parser:
@@ -95,6 +97,10 @@ def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
     try:
         return runner(serve(cfg, path))
     except configmod.ConfigError as exc:
+        logpipe.close_all()  # what was logged comes before the errors
         return _fail_config(exc)
     except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled in serve()
         return 0
+    finally:
+        # Lines still buffered get logpipe.FLUSH_TIMEOUT seconds each.
+        logpipe.close_all()

@@ -140,6 +140,8 @@ class Limits:
     header_timeout: float = 30.0
     body_timeout: float = 60.0
     idle_timeout: float = 75.0
+    #: the whole request head, request line and header fields (431 above it)
+    max_header_size: int = 32 * 1024
 
 
 #: The ``trusted_proxies`` entry for every peer of a UNIX-socket listener
@@ -670,7 +672,8 @@ def _read_admin(r: _Reader, raw: object) -> Admin:
 
 def _read_limits(r: _Reader, raw: object) -> Limits:
     p = "limits"
-    t = r.table(raw, p, ("max_body_size", "header_timeout", "body_timeout", "idle_timeout"))
+    t = r.table(raw, p, ("max_body_size", "header_timeout", "body_timeout", "idle_timeout",
+                         "max_header_size"))
     if t is None:
         return Limits()
     d = Limits()
@@ -679,7 +682,22 @@ def _read_limits(r: _Reader, raw: object) -> Limits:
         header_timeout=r.get(t, p, "header_timeout", parse_duration, d.header_timeout),
         body_timeout=r.get(t, p, "body_timeout", parse_duration, d.body_timeout),
         idle_timeout=r.get(t, p, "idle_timeout", parse_duration, d.idle_timeout),
+        max_header_size=r.get(t, p, "max_header_size", _header_size, d.max_header_size),
     )
+
+
+#: Bounds of limits.max_header_size: a head below 1 KiB refuses ordinary
+#: requests; one request line and 128 header fields of 8 KiB each (aiohttp's
+#: own limits) are about 1 MiB.
+_HEAD_SIZE_RANGE = (1024, 1024 * 1024)
+
+
+def _header_size(value: object) -> int:
+    n = parse_size(value)
+    lo, hi = _HEAD_SIZE_RANGE
+    if not lo <= n <= hi:
+        raise _Bad(f"expected a size from {lo} (1K) to {hi} (1M)")
+    return n
 
 
 def _read_forwarding(r: _Reader, raw: object) -> Forwarding:
@@ -853,7 +871,8 @@ def dump(cfg: Config) -> str:
     section("limits", [("max_body_size", lim.max_body_size),
                        ("header_timeout", _seconds(lim.header_timeout)),
                        ("body_timeout", _seconds(lim.body_timeout)),
-                       ("idle_timeout", _seconds(lim.idle_timeout))])
+                       ("idle_timeout", _seconds(lim.idle_timeout)),
+                       ("max_header_size", lim.max_header_size)])
     section("forwarding", [("trusted_proxies", [str(n) for n in cfg.forwarding.trusted_proxies]),
                            ("request_id_header", cfg.forwarding.request_id_header),
                            ("buffer_chunked_uploads", cfg.forwarding.buffer_chunked_uploads)])

@@ -137,6 +137,10 @@ _GENERATION = "palpo_gate_config_generation"
 _RELOAD_FAILURES = "palpo_gate_reload_failures_total"
 _WORKERS = "palpo_gate_workers"
 _START_TIME = "palpo_gate_start_time_seconds"
+_LOG_DROPPED = "palpo_gate_log_lines_dropped_total"
+
+#: The ``stream`` label of ``palpo_gate_log_lines_dropped_total``.
+LOG_STREAMS: tuple[str, ...] = ("stdout", "stderr")
 
 #: The families the registry fills itself: (name, type, help, label names).
 _BUILTIN: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -153,6 +157,8 @@ _BUILTIN: dict[str, tuple[str, str, tuple[str, ...]]] = {
     _RELOAD_FAILURES: ("counter", "Reloads refused (bad configuration); the old one serves.", ()),
     _WORKERS: ("gauge", "Worker processes serving the listeners.", ()),
     _START_TIME: ("gauge", "Start time of the process, in seconds since the epoch.", ()),
+    _LOG_DROPPED: ("counter", "Log lines dropped because nothing read stdout (access lines) "
+                   "or stderr (messages) fast enough.", ("stream",)),
 }
 
 
@@ -174,8 +180,11 @@ class Registry:
     """The metrics of one process. Not thread-safe: call it from the thread
     of the event loop that serves the requests."""
 
-    def __init__(self, listeners: Iterable[str] = ()) -> None:
-        """*listeners*: names whose per-listener series show 0 before any traffic."""
+    def __init__(self, listeners: Iterable[str] = (),
+                 log_drops: Callable[[], Mapping[str, int]] | None = None) -> None:
+        """*listeners*: names whose per-listener series show 0 before any traffic;
+        *log_drops*: read at scrape time, the log lines dropped so far per
+        stream (:func:`logpipe.dropped`)."""
         self._series: dict[tuple[str, str], _Series] = {}
         self._upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self._client_connections: dict[str, int] = dict.fromkeys(listeners, 0)
@@ -183,6 +192,7 @@ class Registry:
         self.generation = 1
         self.reload_failures = 0
         self.start_time = time.time()
+        self._log_drops = log_drops
 
     # -- hot path: once per request or connection ---------------------------
 
@@ -297,12 +307,16 @@ class Registry:
         ]
         for name, (help, labels, fn) in list(self._gauges.items()):
             families.append(_family(name, "gauge", help, labels, _gauge_samples(name, labels, fn)))
+        drops = dict.fromkeys(LOG_STREAMS, 0)
+        if self._log_drops is not None:
+            drops.update(self._log_drops())
         families += [
             _builtin(_GENERATION, [[[], self.generation]]),
             _builtin(_RELOAD_FAILURES, [[[], self.reload_failures]]),
             # 1 per process: merge() sums it to the number of workers.
             _builtin(_WORKERS, [[[], 1]]),
             _builtin(_START_TIME, [[[], self.start_time]]),
+            _builtin(_LOG_DROPPED, [[[k], v] for k, v in drops.items()]),
         ]
         return families
 

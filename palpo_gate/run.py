@@ -10,6 +10,9 @@ This module owns signals and what systemd is told:
   finish for ``server.drain_timeout``, exit 0;
 - ``WATCHDOG=1`` at half of ``WATCHDOG_USEC`` while running.
 
+It also says when the process runs out of file descriptors (see
+:func:`start_fd_watch`).
+
 Worker processes (``server.workers`` > 1) run this same loop under the
 supervisor in :mod:`workers`, which tells systemd for them.
 """
@@ -18,15 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 from . import config as configmod
+from . import logpipe, systemd
 from . import metrics as metricsmod
-from . import systemd
 from .server import Gate, serve_metrics
 
 log = logging.getLogger("palpo_gate")
@@ -58,7 +64,8 @@ class Process:
     async def run(self, on_ready: Callable[[], object] | None = None) -> int:
         loop = asyncio.get_running_loop()
         if self.cfg.metrics is not None:
-            self.metrics = metricsmod.Registry(lst.name for lst in self.cfg.listeners)
+            self.metrics = metricsmod.Registry((lst.name for lst in self.cfg.listeners),
+                                               log_drops=logpipe.dropped)
         self.gate = gate = Gate(self.cfg, passed=self._passed, reuse_port=self._reuse_port,
                                 metrics=self.metrics)
         await gate.start()
@@ -81,6 +88,7 @@ class Process:
         self._report("R")
         self._notify("READY=1")
         watchdog = start_watchdog(self._notify)
+        fd_watch = start_fd_watch()
         reloader = loop.create_task(self._reload_loop(), name="palpo-gate reload")
         try:
             await self._stop.wait()
@@ -89,6 +97,7 @@ class Process:
                      gate.cfg.server.drain_timeout)
         finally:
             reloader.cancel()
+            fd_watch.cancel()
             if watchdog is not None:
                 watchdog.cancel()
             if snapshots is not None:
@@ -174,6 +183,57 @@ def start_watchdog(notify: Callable[[str], object]) -> asyncio.Task[None] | None
             await asyncio.sleep(interval)
 
     return asyncio.get_running_loop().create_task(beat(), name="palpo-gate watchdog")
+
+
+#: How often the process checks that it can open a file descriptor (seconds),
+#: and how often at most it says that it cannot.
+FD_CHECK_INTERVAL = 1.0
+FD_WARN_INTERVAL = 60.0
+
+
+def start_fd_watch(interval: float = FD_CHECK_INTERVAL,
+                   warn_every: float = FD_WARN_INTERVAL) -> asyncio.Task[None]:
+    """Log running out of file descriptors, which costs new connections.
+
+    At RLIMIT_NOFILE, ``accept(2)`` fails with EMFILE. uvloop's libuv sheds
+    that load itself, out of the gate's sight: it closes a spare descriptor
+    it keeps for the purpose, accepts every pending connection and closes it
+    at once (the client sees a reset), and tells no one. So the gate checks
+    every *interval* seconds whether it can open a descriptor; while it
+    cannot, it says so at most every *warn_every* seconds, and once more
+    when it can again. Cost: an ``open`` and a ``close`` a second.
+    """
+
+    async def watch() -> None:
+        warned = -warn_every
+        failed = 0  # checks that failed since the last message
+        reported = False  # an episode has been said; its end will be too
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                fd = os.open("/", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    continue
+                failed += 1
+                now = time.monotonic()
+                if now - warned >= warn_every:
+                    which = ("the process's limit, RLIMIT_NOFILE "
+                             f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
+                             if exc.errno == errno.EMFILE else "the system's limit")
+                    seen = ("" if failed == 1 else
+                            f" (in {failed} checks since the last such message)")
+                    log.error("out of file descriptors, %s%s: new connections are closed as "
+                              "soon as they are accepted. Raise the limit (LimitNOFILE= in "
+                              "the systemd unit, ulimit -n) or shed load", which, seen)
+                    warned, failed, reported = now, 0, True
+                continue
+            os.close(fd)
+            if reported:
+                log.warning("file descriptors available again")
+                reported = False
+
+    return asyncio.get_running_loop().create_task(watch(), name="palpo-gate fd watch")
 
 
 async def serve(cfg: configmod.Config, path: str | None = None) -> int:

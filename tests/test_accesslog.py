@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import io
 import json
+import os
 import pathlib
 import re
+import socket
 import threading
 import time
 import types
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -21,8 +23,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from conftest import free_port
+from test_metrics import parse, values
 
-from palpo_gate import accesslog
+from palpo_gate import accesslog, logpipe
 from palpo_gate.accesslog import AccessLog, escape, escape_bare, redact_target
 from tests.support.gate import run_gate
 from tests.support.recorder import Recorder, recorder
@@ -63,6 +66,14 @@ REDACTION = [
     ("/x?a=access_token=abc", "/x?a=access_token=abc"),
     ("/x?access+token=abc", "/x?access+token=abc"),
     ("/x?%2561ccess_token=abc", "/x?%2561ccess_token=abc"),  # decoded once: "%61ccess_token"
+    # The 3PID validation link's secrets (Synapse redacts client_secret too).
+    ("/_matrix/client/v3/register/email/submit_token?sid=s1&client_secret=CS&token=T",
+     f"/_matrix/client/v3/register/email/submit_token?sid=s1&client_secret={R}&token={R}"),
+    ("/x?CLIENT_SECRET=a&Token=b", f"/x?CLIENT_SECRET={R}&Token={R}"),
+    ("/x?client%5Fsecret=a", f"/x?client%5Fsecret={R}"),
+    ("/x?tok%65n=a", f"/x?tok%65n={R}"),
+    ("/x?tokens=a&my_token=b&client_secrets=c", "/x?tokens=a&my_token=b&client_secrets=c"),
+    ("/x?sid=1&secret=a", "/x?sid=1&secret=a"),
     ("/x/access_token=abc", "/x/access_token=abc"),  # a path, not a query
     ("/x?q=%2F%2f", "/x?q=%2F%2f"),
 ]
@@ -241,34 +252,98 @@ def test_timestamps_are_formatted_once_a_second() -> None:
         assert clock.plain is first
 
 
-def test_write_goes_to_the_stream_one_line_each() -> None:
-    out = io.StringIO()
-    log = AccessLog("json", stream=out)
-    request = make_mocked_request("GET", "/a")
-    for _ in range(3):
-        log.write(request, "client", "127.0.0.1", record(), time.monotonic(), b"r",
-                  web.Response(status=404))
-    lines = out.getvalue().splitlines()
+@contextlib.contextmanager
+def os_pipe() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        for fd in (r, w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def test_write_goes_to_the_descriptor_one_line_each() -> None:
+    with os_pipe() as (r, w):
+        log = AccessLog("json", logpipe.LogPipe(w, "stdout"))
+        request = make_mocked_request("GET", "/a")
+        for _ in range(3):
+            log.write(request, "client", "127.0.0.1", record(), time.monotonic(), b"r",
+                      web.Response(status=404))
+        lines = os.read(r, 65536).decode("utf-8").splitlines()
     assert len(lines) == 3 and all(json.loads(x)["target"] == "/a" for x in lines)
 
 
 def test_a_broken_stdout_disables_the_log_without_failing_the_request() -> None:
-    class Broken(io.StringIO):
-        def write(self, s: str) -> int:
-            raise BrokenPipeError("gone")
+    with os_pipe() as (r, w):
+        os.close(r)  # the reader is gone: EPIPE
+        log = AccessLog("plain", logpipe.LogPipe(w, "stdout"))
+        log.write(make_mocked_request("GET", "/a"), "client", "127.0.0.1", record(),
+                  time.monotonic(), b"r", None)
+    assert log.enabled is False
 
-    log = AccessLog("plain", stream=Broken())
+
+def test_no_stdout_at_all_disables_the_log() -> None:
+    with os_pipe() as (_, w):
+        pass  # both closed: as a gate started with stdout closed
+    log = AccessLog("json", logpipe.LogPipe(w, "stdout"))
     log.write(make_mocked_request("GET", "/a"), "client", "127.0.0.1", record(),
               time.monotonic(), b"r", None)
     assert log.enabled is False
 
 
-def test_no_stdout_at_all_disables_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("sys.stdout", None)
-    log = AccessLog("json")
-    log.write(make_mocked_request("GET", "/a"), "client", "127.0.0.1", record(),
-              time.monotonic(), b"r", None)
-    assert log.enabled is False
+# Bytes that are not UTF-8: raw 0xFF, a lone lead byte, a lone continuation byte.
+_BAD_UTF8 = b"caf\xc3 \xff\x80 ok \xc3\xa9"
+
+
+def test_json_lines_are_valid_unicode_whatever_the_bytes() -> None:
+    """Header values carry bytes that are not UTF-8 (obs-text) as lone
+    surrogates; the JSON line escapes them as the text \\xHH instead, so a
+    strict reader (UTF-8 decoding, no lone surrogates) takes every line."""
+    text = _BAD_UTF8.decode("utf-8", "surrogateescape")
+    with os_pipe() as (r, w):
+        log = AccessLog("json", logpipe.LogPipe(w, "stdout"))
+        # As aiohttp's C parser hands them over (make_mocked_request cannot).
+        headers = {"User-Agent": text, "Referer": "https://r/" + text}
+        log.write(accesslog.RefusedRequest("GET", "/a", (1, 1), headers),
+                  "client", "127.0.0.1", record(), time.monotonic(), b"r", web.Response())
+        log.write(accesslog.RefusedRequest.from_line(b"G\xffT /p\xfe?access_token=s HTTP/1.1"),
+                  "client", "127.0.0.1", record(), time.monotonic(), b"r", web.Response())
+        raw = os.read(r, 65536)
+    lines = raw.decode("utf-8").splitlines()  # strict
+    assert len(lines) == 2
+    first, second = (json.loads(x) for x in lines)
+    want = "caf\\xC3 \\xFF\\x80 ok \u00e9"  # valid UTF-8 stays a character
+    assert first["user_agent"] == want
+    assert first["referer"] == "https://r/" + want
+    assert (second["method"], second["target"]) == ("G\\xFFT", f"/p\\xFE?access_token={R}")
+    for doc in (first, second):
+        # No lone surrogate anywhere: every value encodes as UTF-8.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+
+
+REFUSED_LINES = [
+    # (raw start of the head, method, target, protocol)
+    (None, "-", "-", "-"),
+    (b"", "-", "-", "-"),
+    (b"GET /x?access_token=t HTTP/1.1\r\nHost: a\r\n\r\n", "GET",
+     f"/x?access_token={R}", "HTTP/1.1"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "PRI", "*", "HTTP/2.0"),
+    (b"GET /" + b"a" * 3000, "GET", "/" + "a" * 1023 + "...", "-"),  # 414: cut, no protocol
+    (b"GET /x HTTP/1.1 extra\r\n", "GET", "/x", "-"),
+    (b"\x16\x03\x01\x00\xa5\x01", "\\x16\\x03\\x01\\x00\\xA5\\x01", "-", "-"),  # TLS
+]
+
+
+@pytest.mark.parametrize(("raw", "method", "target", "protocol"), REFUSED_LINES)
+def test_refused_request_line(raw: bytes | None, method: str, target: str,
+                              protocol: str) -> None:
+    request = accesslog.RefusedRequest.from_line(raw)
+    out = AccessLog("plain").line(request, "client", "192.0.2.7",
+                                  record(error="bad_request"), time.monotonic(), b"r",
+                                  web.Response(status=400, body=b"{}"))
+    assert f'"{method} {target} {protocol}" 400 2 "-" "-" listener=client' in out, out
+    assert out.endswith(" error=bad_request\n")
 
 
 def test_formats() -> None:
@@ -425,3 +500,104 @@ def test_off_writes_nothing(tmp_path: pathlib.Path) -> None:
         conn.close()
         assert len(upstream.requests) == 1
     assert gp.stdout_lines == []
+
+
+# ---------------------------------------------------------------------------
+# Requests refused before they were parsed whole (the real process)
+
+
+def raw_exchange(port: int, *requests: bytes) -> list[bytes]:
+    """Send each request on one connection after the answer to the one before;
+    the raw answers (the last one read until the gate closes)."""
+    answers = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for i, req in enumerate(requests):
+            s.sendall(req)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+                if i < len(requests) - 1 and b"\r\n\r\n" in data:
+                    break  # /health: a short answer, the connection stays open
+            answers.append(data)
+    return answers
+
+
+def metric_values(port: int, name: str) -> dict[tuple[str, ...], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return values(parse(r.read()), name)
+
+
+REFUSED = [
+    # (name, requests on one connection, status, error word, method, target, protocol)
+    ("malformed", [b"GET /_matrix/client/v3/sync?access_token=SECRET1 HTTP/1.1\r\n"
+                   b"Host: a\r\nBad Header: y\r\n\r\n"],
+     400, "bad_request", "GET", f"/_matrix/client/v3/sync?access_token={R}", "HTTP/1.1"),
+    ("malformed after /health", [b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n",
+                                 b"POST /_matrix/x?client_secret=SECRET2&token=SECRET3 "
+                                 b"HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n"],
+     400, "bad_request", "POST", f"/_matrix/x?client_secret={R}&token={R}", "HTTP/1.1"),
+    ("414", [b"GET /_matrix/" + b"a" * 9000 + b"?access_token=SECRET4 HTTP/1.1\r\n\r\n"],
+     414, "uri_too_long", "GET", "/_matrix/" + "a" * 1015 + "...", "-"),
+    ("431 field", [b"GET /_matrix/y HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n"],
+     431, "header_too_large", "GET", "/_matrix/y", "HTTP/1.1"),
+    ("431 head", [b"GET /_matrix/z?access_token=SECRET5 HTTP/1.1\r\nHost: a\r\n"
+                  b"User-Agent: big-head/1\r\n"
+                  + b"".join(b"X-%d: %s\r\n" % (i, b"b" * 8000) for i in range(8)) + b"\r\n"],
+     431, "head_too_large", "GET", f"/_matrix/z?access_token={R}", "HTTP/1.1"),
+    ("505", [b"GET /_matrix/client/versions HTTP/2.0\r\nHost: a\r\n\r\n"],
+     505, "version_not_supported", "GET", "/_matrix/client/versions", "HTTP/2.0"),
+    ("h2 preface", [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"],
+     400, "http2_preface", "PRI", "*", "HTTP/2.0"),
+]
+
+
+def test_refused_requests_get_an_access_line_and_a_count(tmp_path: pathlib.Path) -> None:
+    """400 / 414 / 431 / 505 and the HTTP/2 preface: each gets a Matrix JSON
+    answer, an access line (as much of the request as was read, redacted) and
+    its count under route="bad_request". At level debug the refusal is
+    logged, redacted too: never the raw request line with its token."""
+    port, metrics_port = free_port(), free_port()
+    toml = gate_config(9, port, "json").replace('level = "info"', 'level = "debug"') + (
+        f'[metrics]\nbind = "127.0.0.1:{metrics_port}"\n')
+    with run_gate(toml, tmp_path) as gp:
+        answers = {name: raw_exchange(port, *reqs)[-1] for name, reqs, *_ in REFUSED}
+        wait_lines(gp.stdout_lines, len(REFUSED))
+        counts = metric_values(metrics_port, "palpo_gate_requests_total")
+    lines = [json.loads(x) for x in gp.stdout_lines]
+    assert len(lines) == len(REFUSED), gp.stdout_lines
+    for (name, _, status, word, method, target, protocol), doc in zip(REFUSED, lines,
+                                                                      strict=True):
+        answer = answers[name]
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == str(status).encode(), (name, answer[:200])
+        assert json.loads(body)["errcode"] == "M_UNKNOWN"
+        assert b"\r\nAccess-Control-Allow-Origin: *\r\n" in head
+        rid = re.search(rb"\r\nX-Request-ID: (\S+)\r\n", head)
+        assert rid is not None and doc["request_id"] == rid[1].decode()
+        assert (doc["status"], doc["error"], doc["method"], doc["target"], doc["protocol"]) == (
+            status, word, method, target, protocol), name
+        assert (doc["client"], doc["listener"], doc["upstream_status"], doc["bytes_out"]) == (
+            "127.0.0.1", "main", None, len(body))
+    assert lines[4]["user_agent"] == "big-head/1"  # parsed whole, then refused
+    assert {k: v for k, v in counts.items() if k[1] == "bad_request"} == {
+        ("main", "bad_request", "400"): 3, ("main", "bad_request", "414"): 1,
+        ("main", "bad_request", "431"): 2, ("main", "bad_request", "505"): 1}
+    debug = [x for x in gp.stderr_lines if "refused a request" in x]
+    assert len(debug) == len(REFUSED)
+    assert "GET /_matrix/client/v3/sync?access_token=<redacted>" in debug[0]
+    for text in ("".join(gp.stdout_lines), "".join(gp.stderr_lines)):
+        assert "SECRET" not in text
+
+
+def test_json_lines_of_the_real_process_are_valid_unicode(tmp_path: pathlib.Path) -> None:
+    port = free_port()
+    with run_gate(gate_config(9, port, "json"), tmp_path) as gp:
+        [answer] = raw_exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+                                      b"User-Agent: caf\xc3 \xff\xc3\xa9\r\n"
+                                      b"Referer: https://r.example/\xfe\r\n\r\n")
+        wait_lines(gp.stdout_lines, 1)
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    [doc] = [json.loads(x.encode("utf-8").decode("utf-8")) for x in gp.stdout_lines]
+    assert doc["user_agent"] == "caf\\xC3 \\xFF\u00e9"
+    assert doc["referer"] == "https://r.example/\\xFE"
+    json.dumps(doc, ensure_ascii=False).encode("utf-8")  # no lone surrogate

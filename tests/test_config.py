@@ -349,6 +349,10 @@ BAD_CONFIGS: list[tuple[str, str, str, str]] = [
      "greater than zero"),
     ("body_timeout", "[limits]\nbody_timeout = '60'\n", "limits.body_timeout",
      "invalid duration"),
+    ("max_header_size small", "[limits]\nmax_header_size = 512\n", "limits.max_header_size",
+     "from 1024"),
+    ("max_header_size large", "[limits]\nmax_header_size = '2M'\n", "limits.max_header_size",
+     "from 1024"),
     ("trusted proxy", "[forwarding]\ntrusted_proxies = ['proxy.local']\n",
      "forwarding.trusted_proxies[0]", "not an IP address or CIDR"),
     ("trusted proxy hint", "[forwarding]\ntrusted_proxies = ['unix']\n",
@@ -525,6 +529,7 @@ allow_from = ["127.0.0.1", "10.1.2.3/8", "::1"]
 [limits]
 max_body_size = "100MB"
 header_timeout = "500ms"
+max_header_size = "64K"
 [forwarding]
 trusted_proxies = ["172.16.0.0/12", "unix:"]
 """)
@@ -537,6 +542,7 @@ trusted_proxies = ["172.16.0.0/12", "unix:"]
                                     ipaddress.ip_network("::1/128"))
     assert cfg.limits.max_body_size == 100_000_000
     assert cfg.limits.header_timeout == 0.5
+    assert cfg.limits.max_header_size == 64 * 1024
     assert cfg.forwarding.trusted_proxies == (ipaddress.ip_network("172.16.0.0/12"),
                                               configmod.UNIX_PEER)
 
@@ -727,7 +733,8 @@ SPEC_KEYS: dict[str, tuple[str, ...]] = {
     "well_known": ("server", "client", "identity_server"),
     "well_known.client_extra": (),
     "admin": ("blocked_prefixes", "allow_from"),
-    "limits": ("max_body_size", "header_timeout", "body_timeout", "idle_timeout"),
+    "limits": ("max_body_size", "header_timeout", "body_timeout", "idle_timeout",
+               "max_header_size"),
     "forwarding": ("trusted_proxies", "request_id_header"),
     "log": ("level", "access"),
     "metrics": ("bind",),

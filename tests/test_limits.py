@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from conftest import gate_toml, port_of, running_gate
 
 from tests.support.client import Conn, Resp, fetch, get
-from tests.support.recorder import recorder
+from tests.support.recorder import Req, recorder
 
 CORS = {
     "access-control-allow-origin": "*",
@@ -145,6 +146,195 @@ async def test_too_many_header_fields() -> None:
         ok = await fetch(port, get("/_matrix/client/versions", host="matrix.test", extra=few))
         assert ok.status == 200
         assert len(up.requests) == 1
+
+
+# -- the whole head: limits.max_header_size [32K] ------------------------------------------
+
+CAP = 32 * 1024
+
+
+def head_of(size: int, fields: int, target: str = "/_matrix/client/versions",
+            method: str = "GET", extra: bytes = b"") -> bytes:
+    """A request head of exactly *size* bytes: request line, Host, *extra*,
+    then *fields* header fields of about equal length (X-F000 ...)."""
+    start = (f"{method} {target} HTTP/1.1\r\nHost: matrix.test\r\n").encode() + extra
+    room = size - len(start) - 2
+    out = []
+    for i in range(fields):
+        name = b"X-F%03d" % i
+        length = room // fields if i < fields - 1 else room - (room // fields) * (fields - 1)
+        out.append(name + b": " + b"v" * (length - len(name) - 4) + b"\r\n")
+    head = start + b"".join(out) + b"\r\n"
+    assert len(head) == size
+    return head
+
+
+def _fields(req: Req) -> list[bytes]:
+    return [n + b": " + v for n, v in req.headers if re.fullmatch(rb"X-F\d{3}", n)]
+
+
+async def _head_refused(port: int, raw: bytes) -> None:
+    resp = await _refused(port, raw, (431,))
+    _assert_matrix_error(resp, "M_UNKNOWN")
+    for name, value in CORS.items():
+        assert resp.header(name) == value, (name, resp.headers)
+
+
+# Many small fields (aiohttp allows up to 128), and few large ones (up to 8 KiB each).
+SHAPES = {"120 small fields": 120, "4 large fields": 4}
+
+
+@pytest.mark.parametrize("fields", list(SHAPES.values()), ids=list(SHAPES))
+async def test_whole_head_at_the_cap_is_forwarded_one_byte_over_is_431(fields: int) -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        at = head_of(CAP, fields)
+        resp = await fetch(port, at)
+        assert resp.status == 200
+        assert len(up.requests) == 1
+        assert _fields(up.requests[0]) == at.split(b"\r\n")[2:-2]  # every field, as sent
+        await _head_refused(port, head_of(CAP + 1, fields))
+        await asyncio.sleep(0.1)
+        assert len(up.requests) == 1
+
+
+async def test_eight_8k_fields_and_one_1k_field_are_431() -> None:
+    """Each field is under aiohttp's per-field limit; the head (65 KiB) is not."""
+    fields = "".join(f"X-Big{i}: {'b' * 8000}\r\n" for i in range(8)) + f"X-One: {'o' * 1000}\r\n"
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        await _head_refused(port_of(gate), get("/_matrix/client/versions", host="matrix.test",
+                                               extra=fields))
+        await asyncio.sleep(0.1)
+        assert up.requests == []
+
+
+async def test_head_in_pieces_is_measured_across_them() -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        for size, status in ((CAP, 200), (CAP + 1, 431)):
+            conn = await Conn.open(port)
+            try:
+                head = head_of(size, 40)
+                for i in range(0, len(head), 1000):
+                    await conn.send(head[i:i + 1000])
+                    await asyncio.sleep(0.002)
+                resp = await conn.read_response(timeout=5)
+                assert resp.status == status
+            finally:
+                await conn.close()
+        assert len(up.requests) == 1
+
+
+async def test_head_that_never_ends_is_cut_once_over_the_cap() -> None:
+    """No final CRLF: the answer comes once the cap is passed, not at header_timeout."""
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            head = head_of(CAP + 8192, 40)[:-2]  # without the empty line that ends it
+            started = asyncio.get_running_loop().time()
+            await conn.send(head)
+            resp = await conn.read_response(timeout=5)
+            assert resp.status == 431
+            assert asyncio.get_running_loop().time() - started < 3
+            assert await conn.closed_by_peer(timeout=3)
+        finally:
+            await conn.close()
+        assert up.requests == []
+
+
+async def test_each_request_on_a_connection_has_its_own_cap() -> None:
+    """Pipelined or one after another, the count starts again for each head."""
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        port = port_of(gate)
+        conn = await Conn.open(port)
+        try:
+            for i in range(4):  # 4 x 30 KiB on one keep-alive connection
+                resp = await conn.request(head_of(30 * 1024, 6, target=f"/_matrix/k{i}"))
+                assert resp.status == 200
+            # pipelined in one write: 3 x 20 KiB
+            await conn.send(b"".join(head_of(20 * 1024, 4, target=f"/_matrix/p{i}")
+                                     for i in range(3)))
+            for _ in range(3):
+                assert (await conn.read_response()).status == 200
+        finally:
+            await conn.close()
+        assert [r.target for r in up.requests] == (
+            [f"/_matrix/k{i}".encode() for i in range(4)]
+            + [f"/_matrix/p{i}".encode() for i in range(3)])
+
+
+async def test_pipelined_head_over_the_cap_ends_the_connection_there() -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            await conn.send(head_of(1024, 1, target="/_matrix/first")
+                            + head_of(CAP + 100, 5, target="/_matrix/over")
+                            + head_of(1024, 1, target="/_matrix/after"))
+            assert (await conn.read_response()).status == 200
+            assert (await conn.read_response()).status == 431
+            assert await conn.closed_by_peer(timeout=3)
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.1)
+        assert [r.target for r in up.requests] == [b"/_matrix/first"]
+
+
+async def test_a_head_after_a_body_is_measured_alone() -> None:
+    """A request body never counts toward the next head."""
+    body = b"b" * 200_000
+    post = head_of(1024, 1, method="POST", target="/_matrix/media/v3/upload",
+                   extra=b"Content-Length: %d\r\n" % len(body)) + body
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            await conn.send(post + head_of(CAP, 8, target="/_matrix/next"))
+            assert (await conn.read_response()).status == 200
+            assert (await conn.read_response()).status == 200
+            await conn.send(post + head_of(CAP + 1, 8, target="/_matrix/over"))
+            assert (await conn.read_response()).status == 200
+            assert (await conn.read_response()).status == 431
+        finally:
+            await conn.close()
+        assert [(r.target, len(r.body)) for r in up.requests] == [
+            (b"/_matrix/media/v3/upload", len(body)), (b"/_matrix/next", 0),
+            (b"/_matrix/media/v3/upload", len(body))]
+
+
+async def test_max_header_size_from_the_config() -> None:
+    toml = gate_toml("http://127.0.0.1:9", extra='[limits]\nmax_header_size = "4K"')
+    async with recorder() as up:
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", extra='[limits]\nmax_header_size = "4K"')
+        async with running_gate(toml) as gate:
+            port = port_of(gate)
+            assert (await fetch(port, head_of(4096, 3))).status == 200
+            await _head_refused(port, head_of(4097, 3))
+            assert len(up.requests) == 1
+
+
+async def test_nothing_after_an_upgrade_request_is_read() -> None:
+    """aiohttp parses what follows "Upgrade: websocket" only after the answer,
+    outside the head checks: the gate (which never upgrades) closes instead."""
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        conn = await Conn.open(port_of(gate))
+        try:
+            await conn.send(head_of(512, 1, extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+                            + head_of(CAP + 100, 5, target="/_matrix/over"))
+            assert (await conn.read_response()).status == 200
+            assert await conn.closed_by_peer(timeout=3)
+        finally:
+            await conn.close()
+        assert [r.target for r in up.requests] == [b"/_matrix/client/versions"]
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])
+async def test_other_http_versions_are_505_matrix_json(version: bytes) -> None:
+    async with recorder() as up, running_gate(gate_toml(f"http://127.0.0.1:{up.port}")) as gate:
+        raw = b"GET /_matrix/client/versions " + version + b"\r\nHost: matrix.test\r\n\r\n"
+        resp = await _refused(port_of(gate), raw, (505,))
+        _assert_matrix_error(resp, "M_UNKNOWN")
+        assert resp.header("access-control-allow-origin") == "*"
+        await asyncio.sleep(0.1)
+        assert up.requests == []
 
 
 # -- header_timeout (slowloris) and idle_timeout -----------------------------------------

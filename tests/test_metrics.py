@@ -172,6 +172,7 @@ def test_render_is_valid_exposition_in_a_stable_order() -> None:
         "palpo_gate_upstream_connections", "palpo_gate_upstream_idle_connections",
         "palpo_gate_config_generation", "palpo_gate_reload_failures_total",
         "palpo_gate_workers", "palpo_gate_start_time_seconds",
+        "palpo_gate_log_lines_dropped_total",
     ]
     types = {name: f["type"] for name, f in families.items()}
     assert types["palpo_gate_requests_total"] == "counter"
