@@ -184,16 +184,16 @@ async def test_admin_preflight_is_answered_for_allowed_clients_only() -> None:
 
 
 async def test_preflight_has_an_access_line_and_a_metric(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capfd: pytest.CaptureFixture[str]) -> None:
     registry = Registry()
     async with recorder() as up:
         async with gate_on(toml(f"http://127.0.0.1:{up.port}", access="json"),
                            metrics=registry) as gate:
-            capsys.readouterr()
+            capfd.readouterr()
             resp = await fetch(port_of(gate), get("/_matrix/client/v3/sync", host="matrix.test",
                                                   method="OPTIONS", extra=PREFLIGHT))
             assert_preflight_answer(resp)
-        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        lines = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
     assert [(x["method"], x["target"], x["status"], x["upstream_status"]) for x in lines] == [
         ("OPTIONS", "/_matrix/client/v3/sync", 204, None)]
     assert (b'palpo_gate_requests_total{listener="main",route="forward",status="204"} 1'
@@ -314,7 +314,7 @@ async def run_page(url: str, results: asyncio.Future[object], tmp_path: Path) ->
 
 @pytest.mark.timeout(180)
 async def test_browser_reads_the_502_while_the_upstream_is_down(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     closed = free_port()  # nothing listens there: Palpo is down
     async with gate_on(toml(f"http://127.0.0.1:{closed}", access="json")) as gate:
         origin = f"http://127.0.0.1:{port_of(gate)}"
@@ -326,7 +326,7 @@ async def test_browser_reads_the_502_while_the_upstream_is_down(
                 for name in ("sync", "login")]
     assert got == expected, f"what the page's script could read: {got}"
     # Both requests really were preflighted, and each preflight got the 204.
-    seen = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+    seen = [json.loads(line) for line in capfd.readouterr().out.splitlines()
             if line.startswith("{")]
     assert [(x["method"], x["target"].split("?")[0], x["status"]) for x in seen] == [
         ("OPTIONS", "/_matrix/client/v3/sync", 204),
