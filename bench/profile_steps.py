@@ -401,7 +401,8 @@ def cmd_micro(args: argparse.Namespace) -> int:
 VARIANTS = ("raw", "bare", "minproxy", "gate", "gate-route", "gate-reqhead", "gate-resphead",
             "gate-rid", "gate-protocol", "gate-route+reqhead+resphead+rid+protocol",
             "gate-gcoff", "gate-gcfreeze",
-            "gate+metrics", "gate+access", "micro", "py-spy", "py-spy-bare")
+            "gate+metrics", "gate+access", "micro", "py-spy", "py-spy-bare", "syscalls-gate",
+            "syscalls-bare")
 
 #: Functions whose inclusive share of the gate's samples py-spy reports: the
 #: steps of a proxied request, and aiohttp's machinery around the handler.
@@ -430,7 +431,37 @@ PYSPY_STEPS = {
 }
 
 
-def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, tmp: Path) -> dict[str, Any]:
+def syscalls(instructions: Any, start: Any, n: int, conns: int, tmp: Path) -> dict[str, Any]:
+    """System calls per request (strace -c -f attached over N small GETs on a
+    natively running server): the kernel work that instruction counts miss."""
+    svc = start([])
+    out = tmp / f"strace-{svc.pid}.txt"
+    try:
+        client = instructions.KeepAliveClient(svc.ports["plain"], "/_matrix/client/versions",
+                                              conns)
+        try:
+            client.run(max(200, n // 5), timeout=30)
+            proc = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(svc.pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # attached
+            client.run(n, timeout=60)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(30)
+        finally:
+            client.close()
+    finally:
+        svc.stop()
+    calls: dict[str, float] = {}
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors], syscall
+        if len(fields) >= 5 and fields[3].isdigit() and not line.startswith("100.00"):
+            calls[fields[-1]] = round(int(fields[3]) / n, 3)
+    return {"per_request": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+            "total_per_request": round(sum(calls.values()), 3)}
+
+
+def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, out: Path) -> dict[str, Any]:
     """py-spy (sampling, --nonblocking) on the gate under wrk -c64: the share of
     samples in each step (inclusive), and the top functions by own samples."""
     import shutil
@@ -440,7 +471,6 @@ def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, tmp: Path) -> di
     try:
         port = svc.ports["plain"]
         run.run_wrk(ctx, run.url(port, run.VERSIONS_PATH), 2, 64)
-        out = tmp / "pyspy.txt"
         spy_proc = subprocess.Popen([spy, "record", "--nonblocking", "-r", "400", "-d",
                                      str(seconds), "-f", "raw", "-o", str(out), "--pid",
                                      str(svc.pid)], stdout=subprocess.DEVNULL,
@@ -466,8 +496,9 @@ def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, tmp: Path) -> di
             m = frame_re.match(frame)
             frames.append((m[1], m[2]) if m else (frame, ""))
         for step, needles in PYSPY_STEPS.items():
-            if any(f == fn and path.endswith(suffix) for fn, suffix in needles
-                   for f, path in frames):
+            # py-spy names methods Class.method
+            if any((f == fn or f.endswith("." + fn)) and path.endswith(suffix)
+                   for fn, suffix in needles for f, path in frames):
                 steps[step] += count
         fn, path = frames[-1]
         leaf = f"{fn} ({'/'.join(path.split('/')[-2:])})"
@@ -558,9 +589,14 @@ def drive(args: argparse.Namespace) -> int:
     try:
         run.start_upstreams(ctx)
         for name in only:
+            if name.startswith("syscalls-"):
+                results[name] = syscalls(instructions, starters[name.split("-", 1)[1]],
+                                         args.requests, args.conns, tmp)
+                continue
             if name in ("py-spy", "py-spy-bare"):
                 starter = starters["gate" if name == "py-spy" else "bare"]
-                results[name] = pyspy_profile(run, ctx, starter, args.seconds, tmp)
+                results[name] = pyspy_profile(run, ctx, starter, args.seconds,
+                                              tmp / f"{name}.txt")
                 continue
             if name == "micro":
                 continue
@@ -604,7 +640,7 @@ def drive(args: argparse.Namespace) -> int:
             for step, ir in r.items():
                 print(f"  micro {step:<62} {ir:>10,.0f} Ir")
             continue
-        if name.startswith("py-spy"):
+        if name.startswith(("py-spy", "syscalls")):
             print(name, json.dumps(r, indent=1))
             continue
         ir = r["ir_per_request"]

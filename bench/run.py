@@ -1079,13 +1079,18 @@ def fmt(v: Any) -> str:
 def markdown(result: dict[str, Any]) -> str:
     arms, m, s = result["arms"], result["machine"], result["settings"]
     warmup = f" after a {s['warmup_s']} s warm-up" if s["warmup_s"] else ""
+    if result["rounds"]:
+        what = (f"mode **{result['mode']}** · {s['rounds']} round(s), arms interleaved "
+                f"({', '.join(arms)}) · wrk {s['get_s']} s per small-GET figure{warmup}, "
+                f"{s['transfer_s']} s per transfer figure · {s['longpolls']:,} long-polls "
+                f"held {s['hold_s']:g} s")
+    else:
+        what = f"instructions per request only ({', '.join(arms)}; no wall-clock rounds)"
     lines = [
         f"# palpo_gate benchmark `{result['name']}`",
         "",
-        f"{result['date']} · mode **{result['mode']}** · {s['rounds']} round(s), arms "
-        f"interleaved ({', '.join(arms)}) · wrk {s['get_s']} s per small-GET figure{warmup}, "
-        f"{s['transfer_s']} s per transfer figure · {s['longpolls']:,} long-polls held "
-        f"{s['hold_s']:g} s · pinning: {s['pinning']} · gate workers: {s['gate_workers']}",
+        f"{result['date']} · {what} · pinning: {s['pinning']} · "
+        f"gate workers: {s['gate_workers']}",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, kernel {m['kernel']}, {m['os']}; "
         f"Python {m['python']}; {m['nginx']}; {m['wrk']}; {m['openssl']}. "
@@ -1243,9 +1248,15 @@ NOTES = [
     "(bench/nginx_proxy.conf.tmpl: upstream {} keepalive 64, HTTP/1.1, Connection \"\", "
     "X-Forwarded-For/Proto, Host $host:$server_port, client_max_body_size 50M, default "
     "proxy buffering); `gate` = `python -m palpo_gate` with `server.workers` as shown, "
-    "access log off (nginx: access_log off).",
-    "Pinning: the proxy under test on CPU 1 (taskset -c 1); wrk, both upstreams and this "
-    "runner (incl. its asyncio long-poll client) on CPU 0, so every proxy figure is per core.",
+    "access log off (nginx: access_log off); `bare` = bench/bare_server.py, aiohttp's "
+    "web.Server on uvloop answering the upstream's /versions body from memory (small GETs "
+    "and idle RSS only).",
+    "gate / bare compares the gate with the floor of its own stack (same interpreter, loop, "
+    "parser and pinning, same rounds) and holds across hosts; gate / nginx moves with how "
+    "contended the host is, as Python slows more than nginx.",
+    "Pinning: the proxy under test (and the bare server) on CPU 1 (taskset -c 1); wrk, both "
+    "upstreams and this runner (incl. its asyncio long-poll client) on CPU 0, so every proxy "
+    "figure is per core.",
     "Small GET: `wrk -t1 -c64 --latency` on GET /_matrix/client/versions (a fixed ~240-byte "
     "JSON from the upstream nginx); req/s, and p50 / p99 from wrk's latency distribution.",
     "CPU per request: utime+stime of the proxy's processes (/proc/PID/stat; nginx master + "
@@ -1272,10 +1283,12 @@ NOTES = [
 
 def write_results(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{result['name']}.{ext}" for ext in ("json", "md", "png")}
+    exts = ("json", "md", "png") if result["rounds"] else ("json", "md")  # no ratios to chart
+    paths = {ext: out_dir / f"{result['name']}.{ext}" for ext in exts}
     paths["json"].write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     paths["md"].write_text(markdown(result))
-    chart(result, paths["png"])
+    if "png" in paths:
+        chart(result, paths["png"])
     return paths
 
 
