@@ -1,8 +1,9 @@
-"""palpo_gate against nginx (and no proxy at all), side by side, in one command.
+"""palpo_gate against nginx, its own floor (bare aiohttp) and no proxy at all, in one command.
 
     python bench/run.py            # full run (~12-15 min): 5 rounds, 8,000 long-polls
     python bench/run.py --quick    # < 3 min: 3 rounds of 3 s, 1,000 long-polls
     python bench/run.py --smoke    # < 30 s: 1 round of 1 s, 50 long-polls (CI)
+    python bench/run.py --rounds 0 --instructions 2000   # instructions per request only
 
 What it does, in order:
 
@@ -13,13 +14,17 @@ What it does, in order:
    file, and two upstreams pinned to CPU 0: nginx serving a ~240-byte JSON
    /versions answer and the media file (bench/nginx_upstream.conf.tmpl), and
    bench/slow_upstream.py for held /sync long-polls and uploads;
-3. rounds of the arms in a fixed interleaved order (direct, nginx, gate, direct,
-   nginx, gate, ...). A proxy arm runs its proxy pinned to CPU 1 (taskset),
-   everything else stays on CPU 0, so the figures are per proxy core. The
+3. rounds of the arms in a fixed interleaved order (direct, nginx, bare, gate,
+   direct, ...); ``bare`` is bench/bare_server.py, aiohttp's web.Server answering
+   from memory (small GETs and idle RSS only). A proxy arm runs its proxy
+   pinned to CPU 1 (taskset), everything else stays on CPU 0, so the figures
+   are per proxy core. The
    proxy is started once against the fast upstream (small GET, TLS small GET,
    download) and once against the slow one (idle RSS, long-polls, upload);
-4. medians over rounds, per-round ratios to nginx, the targets table, and
-   bench/results/<name>.json, .md and .png.
+4. with --instructions N: the bare server and the gate under callgrind, N small
+   GETs each (bench/instructions.py);
+5. medians over rounds, per-round ratios to nginx and gate / bare, the targets
+   table, and bench/results/<name>.json, .md and .png.
 
 CPU per request is the robust figure on a shared machine: utime+stime of the
 proxy's processes (from /proc/PID/stat, master and workers) over a wrk run,
@@ -53,7 +58,7 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-ARMS = ("direct", "nginx", "gate")
+ARMS = ("direct", "nginx", "bare", "gate")
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -133,7 +138,8 @@ FIGURE_BY_KEY = {f.key: f for f in FIGURES}
 @dataclasses.dataclass(frozen=True)
 class Target:
     key: str
-    kind: str          # "ratio" (gate/nginx, median of per-round ratios) | "abs" | "all"
+    kind: str          # "ratio" (gate/nginx, median of per-round ratios) | "bare" (gate/bare,
+                       # the same way) | "abs" | "all"
     op: str            # ">=" | "<="
     bound: float
     text: str
@@ -143,6 +149,9 @@ TARGETS = (
     Target("get_req_per_cpu_s", "ratio", ">=", 0.25,
            "small GET: req per CPU-second ≥ 0.25x nginx"),
     Target("get_p99_ms", "ratio", "<=", 5.0, "small GET: p99 latency ≤ 5x nginx"),
+    Target("get_cpu_us_per_req", "bare", "<=", 1.5,
+           "small GET: CPU per request ≤ 1.5x bare aiohttp"),
+    Target("get_p99_ms", "bare", "<=", 2.0, "small GET: p99 latency ≤ 2x bare aiohttp"),
     Target("tls_req_per_cpu_s", "ratio", ">=", 0.25,
            "TLS small GET: req per CPU-second ≥ 0.25x nginx"),
     Target("download_mibps", "ratio", ">=", 1.0, "16 MiB download MiB/s ≥ 1.0x nginx"),
@@ -165,12 +174,24 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin")
 
 
-APT_PACKAGES = {"nginx": "nginx", "wrk": "wrk", "openssl": "openssl", "taskset": "util-linux"}
+APT_PACKAGES = {"nginx": "nginx", "wrk": "wrk", "openssl": "openssl", "taskset": "util-linux",
+                "valgrind": "valgrind", "perf": "linux-perf"}
+#: Needed by every run; valgrind only with --instructions; perf is optional.
+ALWAYS = ("nginx", "wrk", "openssl", "taskset")
 
 
-def ensure_tools(install: bool) -> dict[str, str]:
+def ensure_tools(install: bool, instructions: bool = False) -> dict[str, str]:
     """The system tools by name → path; apt-get / pip install what is missing."""
-    missing = [t for t in APT_PACKAGES if find_tool(t) is None]
+    wanted = [*ALWAYS, "valgrind"] if instructions else list(ALWAYS)
+    missing = [t for t in wanted if find_tool(t) is None]
+    if instructions and find_tool("perf") is None and install and os.geteuid() == 0:
+        # perf counts instructions where the machine has counters; without it
+        # the callgrind figure stands alone, so a failed install is no error.
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            log("apt-get installing linux-perf")
+            subprocess.run(["apt-get", "install", "-y", "-q", "linux-perf"], check=True,
+                           capture_output=True, env={**os.environ,
+                                                     "DEBIAN_FRONTEND": "noninteractive"})
     if missing:
         if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
             sys.exit(f"bench: missing {', '.join(missing)}; install the Debian packages "
@@ -190,7 +211,7 @@ def ensure_tools(install: bool) -> dict[str, str]:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r",
                         str(BENCH_DIR / "requirements.txt")], check=True)
     tools = {t: find_tool(t) for t in APT_PACKAGES}
-    still = [t for t, p in tools.items() if p is None]
+    still = [t for t in wanted if tools[t] is None]
     if still:
         sys.exit(f"bench: still missing after install: {still}")
     return tools  # type: ignore[return-value]
@@ -525,7 +546,9 @@ access = "off"
 """
 
 
-def start_gate(ctx: Ctx, upstream_port: int) -> Service:
+def start_gate(ctx: Ctx, upstream_port: int, prefix: list[str] | None = None,
+               ready_s: float = 30.0) -> Service:
+    """The gate (its command after *prefix*, e.g. valgrind's, if given)."""
     workdir = ctx.tmp / f"gate-{ctx.starts}"
     ctx.starts += 1
     workdir.mkdir()
@@ -534,10 +557,36 @@ def start_gate(ctx: Ctx, upstream_port: int) -> Service:
     conf.write_text(gate_toml(ctx, upstream_port, ports))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)}
-    svc = launch("gate", [*pin(ctx.cpu_proxy), sys.executable, "-m", "palpo_gate",
-                          "--config", str(conf)], workdir, ports, env=env)
-    wait_ready(svc, log_says(workdir / "stderr.log", "palpo-gate ready"))
+    if prefix:
+        env["PYTHONHASHSEED"] = "0"  # the same dict layouts, run after run
+    svc = launch("gate", [*pin(ctx.cpu_proxy), *(prefix or []), sys.executable, "-m",
+                          "palpo_gate", "--config", str(conf)], workdir, ports, env=env)
+    wait_ready(svc, log_says(workdir / "stderr.log", "palpo-gate ready"), ready_s)
     return svc
+
+
+def start_bare(ctx: Ctx, prefix: list[str] | None = None, ready_s: float = 30.0) -> Service:
+    """aiohttp's web.Server alone (bench/bare_server.py), pinned as the gate."""
+    workdir = ctx.tmp / f"bare-{ctx.starts}"
+    ctx.starts += 1
+    workdir.mkdir()
+    ports = {"plain": free_port(), "tls": free_port()}
+    env = {**os.environ, "PYTHONHASHSEED": "0"} if prefix else None
+    svc = launch("bare", [*pin(ctx.cpu_proxy), *(prefix or []), sys.executable,
+                          str(BENCH_DIR / "bare_server.py"),
+                          "--port", str(ports["plain"]), "--tls-port", str(ports["tls"]),
+                          "--cert", str(ctx.cert), "--key", str(ctx.key),
+                          "--body-file", str(versions_body(ctx.tmp))], workdir, ports, env=env)
+    wait_ready(svc, log_says(workdir / "stderr.log", "bare-server ready"), ready_s)
+    return svc
+
+
+def versions_body(tmp: Path) -> Path:
+    """The fast upstream's /versions body as a file, for the bare server."""
+    path = tmp / "versions.json"
+    if not path.exists():
+        path.write_text(VERSIONS_JSON)
+    return path
 
 
 def nginx_connections(ctx: Ctx) -> int:
@@ -557,6 +606,8 @@ def running_proxy(ctx: Ctx, arm: str, upstream: Service) -> Iterator[Service]:
     if arm == "nginx":
         svc = start_nginx(ctx, "proxy-nginx", "nginx_proxy.conf.tmpl", ctx.cpu_proxy,
                           UPSTREAM_PORT=port, WORKER_CONNECTIONS=nginx_connections(ctx))
+    elif arm == "bare":
+        svc = start_bare(ctx)
     else:
         svc = start_gate(ctx, port)
     try:
@@ -878,7 +929,7 @@ def guarded(ctx: Ctx, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str,
 
 
 def fast_phase(ctx: Ctx, arm: str, proxy: Service | None, ports: dict[str, int],
-               rnd: int) -> dict[str, Any]:
+               rnd: int, download: bool = True) -> dict[str, Any]:
     tag = f"round {rnd} {arm}"
     if ctx.mode.warmup_s:
         guarded(ctx, f"{tag} warm-up", lambda: run_wrk(ctx, url(ports["plain"], VERSIONS_PATH),
@@ -888,8 +939,9 @@ def fast_phase(ctx: Ctx, arm: str, proxy: Service | None, ports: dict[str, int],
                    lambda: measure_small_get(ctx, proxy, ports["plain"], False, f"{tag} GET"))
     res |= guarded(ctx, f"{tag} TLS small GET",
                    lambda: measure_small_get(ctx, proxy, ports["tls"], True, f"{tag} TLS GET"))
-    res |= guarded(ctx, f"{tag} download",
-                   lambda: measure_download(ctx, proxy, ports["plain"], f"{tag} download"))
+    if download:
+        res |= guarded(ctx, f"{tag} download",
+                       lambda: measure_download(ctx, proxy, ports["plain"], f"{tag} download"))
     return res
 
 
@@ -911,6 +963,15 @@ def run_arm(ctx: Ctx, arm: str, rnd: int) -> dict[str, Any]:
     if arm == "direct":
         res = fast_phase(ctx, arm, None, ctx.upstream.ports, rnd)
         res |= slow_phase(ctx, arm, None, ctx.slow.ports["plain"], rnd)
+        return res
+    if arm == "bare":
+        # The floor of the gate's stack answers from memory: small GETs and
+        # idle RSS; there is nothing to download, upload or hold.
+        with running_proxy(ctx, arm, ctx.upstream) as proxy:
+            res = fast_phase(ctx, arm, proxy, proxy.ports, rnd, download=False)
+        with running_proxy(ctx, arm, ctx.upstream) as proxy:
+            res |= guarded(ctx, f"round {rnd} bare idle RSS",
+                           lambda: measure_idle_rss(proxy, proxy.ports["plain"]))
         return res
     with running_proxy(ctx, arm, ctx.upstream) as proxy:
         res = fast_phase(ctx, arm, proxy, proxy.ports, rnd)
@@ -946,23 +1007,24 @@ def medians(rounds: list[dict[str, Any]], arms: list[str]) -> dict[str, dict[str
     return out
 
 
-def ratios(rounds: list[dict[str, Any]], arms: list[str],
-           meds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """arm / nginx per round, the median of those, and the ratio of the medians."""
+def ratios(rounds: list[dict[str, Any]], arms: list[str], meds: dict[str, dict[str, Any]],
+           base: str = "nginx", of: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """arm / *base* per round, the median of those, and the ratio of the medians,
+    for every arm (or those in *of*)."""
     out: dict[str, dict[str, Any]] = {}
-    if "nginx" not in arms:
+    if base not in arms:
         return out
     for arm in arms:
-        if arm == "nginx":
+        if arm == base or (of is not None and arm not in of):
             continue
         out[arm] = {}
         for fig in FIGURES:
             per_round = []
             for r in rounds:
-                a, b = r["arms"].get(arm, {}).get(fig.key), r["arms"]["nginx"].get(fig.key)
+                a, b = r["arms"].get(arm, {}).get(fig.key), r["arms"][base].get(fig.key)
                 per_round.append(a / b if a is not None and b else None)
             valid = [x for x in per_round if x is not None]
-            a, b = meds[arm][fig.key], meds["nginx"][fig.key]
+            a, b = meds[arm][fig.key], meds[base][fig.key]
             out[arm][fig.key] = {
                 "per_round": per_round,
                 "median_of_rounds": statistics.median(valid) if valid else None,
@@ -972,15 +1034,18 @@ def ratios(rounds: list[dict[str, Any]], arms: list[str],
 
 
 def evaluate_targets(rounds: list[dict[str, Any]], meds: dict[str, dict[str, Any]],
-                     rats: dict[str, dict[str, Any]], n: int) -> list[dict[str, Any]]:
+                     rats: dict[str, dict[str, Any]], n: int,
+                     rats_bare: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     out = []
     for t in TARGETS:
         measured: float | None = None
         shown = "n/a"
-        if t.kind == "ratio":
-            measured = rats.get("gate", {}).get(t.key, {}).get("median_of_rounds")
+        if t.kind in ("ratio", "bare"):
+            base = "nginx" if t.kind == "ratio" else "bare"
+            table = rats if t.kind == "ratio" else (rats_bare or {})
+            measured = table.get("gate", {}).get(t.key, {}).get("median_of_rounds")
             if measured is not None:
-                shown = f"{measured:.2f}x nginx"
+                shown = f"{measured:.2f}x {base}"
         elif t.kind == "abs":
             measured = meds.get("gate", {}).get(t.key)
             if measured is not None:
@@ -1019,19 +1084,42 @@ def fmt(v: Any) -> str:
 def markdown(result: dict[str, Any]) -> str:
     arms, m, s = result["arms"], result["machine"], result["settings"]
     warmup = f" after a {s['warmup_s']} s warm-up" if s["warmup_s"] else ""
+    if result["rounds"]:
+        what = (f"mode **{result['mode']}** · {s['rounds']} round(s), arms interleaved "
+                f"({', '.join(arms)}) · wrk {s['get_s']} s per small-GET figure{warmup}, "
+                f"{s['transfer_s']} s per transfer figure · {s['longpolls']:,} long-polls "
+                f"held {s['hold_s']:g} s")
+    else:
+        what = f"instructions per request only ({', '.join(arms)}; no wall-clock rounds)"
     lines = [
         f"# palpo_gate benchmark `{result['name']}`",
         "",
-        f"{result['date']} · mode **{result['mode']}** · {s['rounds']} round(s), arms "
-        f"interleaved ({', '.join(arms)}) · wrk {s['get_s']} s per small-GET figure{warmup}, "
-        f"{s['transfer_s']} s per transfer figure · {s['longpolls']:,} long-polls held "
-        f"{s['hold_s']:g} s · pinning: {s['pinning']} · gate workers: {s['gate_workers']}",
+        f"{result['date']} · {what} · pinning: {s['pinning']} · "
+        f"gate workers: {s['gate_workers']}",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, kernel {m['kernel']}, {m['os']}; "
         f"Python {m['python']}; {m['nginx']}; {m['wrk']}; {m['openssl']}. "
         f"Load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end "
         "(the machine may be shared: compare CPU per request, not req/s, across runs).",
         "",
+    ]
+    if result["rounds"]:
+        lines += _figures_markdown(result)
+    if "instructions" in result:
+        import instructions
+
+        lines += ["", *instructions.markdown(result["instructions"])]
+    lines += ["", "## How these were measured", ""]
+    lines += [f"- {note}" for note in result["notes"]]
+    if result["flags"]:
+        lines += ["", "## Flags raised during the run", ""]
+        lines += [f"- {f}" for f in result["flags"]]
+    return "\n".join(lines) + "\n"
+
+
+def _figures_markdown(result: dict[str, Any]) -> list[str]:
+    arms, s = result["arms"], result["settings"]
+    lines = [
         "## Targets (gate)",
         "",
         "| target | measured | met? |",
@@ -1044,9 +1132,13 @@ def markdown(result: dict[str, Any]) -> str:
     head = "| figure | unit | " + " | ".join(arms) + " |"
     sep = "|---|---|" + "---|" * len(arms)
     show_ratio = "gate" in result["ratios"]
+    to_bare = result.get("ratios_to_bare", {}).get("gate")
     if show_ratio:
         head += " gate / nginx | per round |"
         sep += "---|---|"
+    if to_bare:
+        head += " gate / bare |"
+        sep += "---|"
     lines += [head, sep]
     for fig in FIGURES:
         row = f"| {fig.label} ({fig.better} is better) | {fig.unit} | "
@@ -1055,13 +1147,29 @@ def markdown(result: dict[str, Any]) -> str:
             r = result["ratios"]["gate"][fig.key]
             per = ", ".join(fmt(x) for x in r["per_round"])
             row += f" {fmt(r['median_of_rounds'])} | {per} |"
+        if to_bare:
+            row += f" {fmt(to_bare[fig.key]['median_of_rounds'])} |"
         lines.append(row)
-    lines += ["", "## How these were measured", ""]
-    lines += [f"- {note}" for note in result["notes"]]
-    if result["flags"]:
-        lines += ["", "## Flags raised during the run", ""]
-        lines += [f"- {f}" for f in result["flags"]]
-    return "\n".join(lines) + "\n"
+    if to_bare and show_ratio:
+        lines += ["", "## The gate against nginx and against its own floor", "",
+                  "gate / nginx moves with how busy the machine is (Python slows more than "
+                  "nginx under contention); gate / bare compares the gate with aiohttp's "
+                  "web.Server alone, on the same loop and parser, pinned the same way, and "
+                  "holds across machines. Median of per-round ratios (single rounds in "
+                  "brackets).", "",
+                  "| figure | gate | bare | nginx | gate / bare | gate / nginx |",
+                  "|---|---|---|---|---|---|"]
+        med = result["medians"]
+        for key in ("get_cpu_us_per_req", "get_p99_ms", "tls_cpu_us_per_req", "tls_p99_ms"):
+            fig = FIGURE_BY_KEY[key]
+            cells = []
+            for r in (to_bare[key], result["ratios"]["gate"][key]):
+                per = ", ".join(fmt(x) for x in r["per_round"])
+                cells.append(f"{fmt(r['median_of_rounds'])}x ({per})")
+            lines.append(f"| {fig.label} ({fig.unit}) | {fmt(med['gate'][key])} | "
+                         f"{fmt(med['bare'][key])} | {fmt(med['nginx'][key])} | "
+                         f"{cells[0]} | {cells[1]} |")
+    return lines
 
 
 def _bar_color(f: Figure, med: float, target: dict[str, Any] | None) -> str:
@@ -1088,7 +1196,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import FixedLocator, NullLocator
 
     rats = result["ratios"].get("gate")
-    targets = {t["figure"]: t for t in result["targets"]}
+    # The chart is gate / nginx: the gate / bare targets are in the Markdown.
+    targets = {t["figure"]: t for t in result["targets"] if t["kind"] != "bare"}
     figs = [f for f in FIGURES if f.key not in ("longpoll_completed", "longpoll_peak_held")]
     fig_, ax = plt.subplots(figsize=(11, 0.45 * len(figs) + 2.2))
     if not rats:
@@ -1144,9 +1253,15 @@ NOTES = [
     "(bench/nginx_proxy.conf.tmpl: upstream {} keepalive 64, HTTP/1.1, Connection \"\", "
     "X-Forwarded-For/Proto, Host $host:$server_port, client_max_body_size 50M, default "
     "proxy buffering); `gate` = `python -m palpo_gate` with `server.workers` as shown, "
-    "access log off (nginx: access_log off).",
-    "Pinning: the proxy under test on CPU 1 (taskset -c 1); wrk, both upstreams and this "
-    "runner (incl. its asyncio long-poll client) on CPU 0, so every proxy figure is per core.",
+    "access log off (nginx: access_log off); `bare` = bench/bare_server.py, aiohttp's "
+    "web.Server on uvloop answering the upstream's /versions body from memory (small GETs "
+    "and idle RSS only).",
+    "gate / bare compares the gate with the floor of its own stack (same interpreter, loop, "
+    "parser and pinning, same rounds) and holds across hosts; gate / nginx moves with how "
+    "contended the host is, as Python slows more than nginx.",
+    "Pinning: the proxy under test (and the bare server) on CPU 1 (taskset -c 1); wrk, both "
+    "upstreams and this runner (incl. its asyncio long-poll client) on CPU 0, so every proxy "
+    "figure is per core.",
     "Small GET: `wrk -t1 -c64 --latency` on GET /_matrix/client/versions (a fixed ~240-byte "
     "JSON from the upstream nginx); req/s, and p50 / p99 from wrk's latency distribution.",
     "CPU per request: utime+stime of the proxy's processes (/proc/PID/stat; nginx master + "
@@ -1173,10 +1288,12 @@ NOTES = [
 
 def write_results(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out_dir / f"{result['name']}.{ext}" for ext in ("json", "md", "png")}
+    exts = ("json", "md", "png") if result["rounds"] else ("json", "md")  # no ratios to chart
+    paths = {ext: out_dir / f"{result['name']}.{ext}" for ext in exts}
     paths["json"].write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     paths["md"].write_text(markdown(result))
-    chart(result, paths["png"])
+    if "png" in paths:
+        chart(result, paths["png"])
     return paths
 
 
@@ -1208,6 +1325,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-install", action="store_true",
                     help="fail instead of apt-get / pip installing missing tools")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="also count instructions per request of the gate and the bare "
+                         "server under callgrind (and perf stat where the host has "
+                         "counters), over N small GETs each (bench/instructions.py)")
+    ap.add_argument("--instructions-conns", type=int, default=64, metavar="C",
+                    help="keep-alive connections for --instructions (default 64, as wrk)")
     args = ap.parse_args(argv)
     arms = [a.strip() for a in args.only.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
@@ -1216,6 +1339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.arms = [a for a in ARMS if a in arms]
     if args.gate_workers < 1:
         ap.error("--gate-workers must be >= 1")
+    if (args.rounds is not None and args.rounds < 0) or args.instructions < 0:
+        ap.error("--rounds and --instructions must be >= 0")
+    if args.rounds == 0 and not args.instructions:
+        ap.error("--rounds 0 measures nothing without --instructions N")
     return args
 
 
@@ -1237,6 +1364,26 @@ def choose_cpus(args: argparse.Namespace) -> tuple[int | None, int | None, str]:
     return 0, 1, "proxy on CPU 1, load generator and upstreams on CPU 0"
 
 
+def measure_instructions(ctx: Ctx) -> dict[str, Any]:
+    """Instructions per request of the bare server and the gate (against the
+    fast upstream), each under callgrind: bench/instructions.py."""
+    import instructions
+
+    assert ctx.upstream is not None
+    upstream_port = ctx.upstream.ports["plain"]
+    subjects = [instructions.Subject("bare", lambda p: start_bare(ctx, p, ready_s=600),
+                                     VERSIONS_PATH),
+                instructions.Subject("gate", lambda p: start_gate(ctx, upstream_port, p,
+                                                                  ready_s=600),
+                                     VERSIONS_PATH)]
+    subjects = [s for s in subjects if s.name in ctx.args.arms]
+    log(f"instructions: {ctx.args.instructions} requests per measurement, "
+        f"{[s.name for s in subjects]} under callgrind (each start takes a minute)")
+    return instructions.measure(subjects, ctx.tmp / "callgrind", n=ctx.args.instructions,
+                                conns=ctx.args.instructions_conns,
+                                perf=ctx.tools.get("perf"), log=log)
+
+
 def on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -1244,7 +1391,7 @@ def on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
-    tools = ensure_tools(not args.no_install)
+    tools = ensure_tools(not args.no_install, instructions=args.instructions > 0)
     fd_limit = raise_fd_limit()
     mode = choose_mode(args)
     if fd_limit < 2 * mode.longpolls + 1024:
@@ -1256,6 +1403,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(tools)
     tmp = Path(tempfile.mkdtemp(prefix="palpo-bench-"))
     flags: list[str] = []
+    inst: dict[str, Any] | None = None
     t0 = time.monotonic()
     log(f"{name}: mode {args.mode} {mode}, arms {args.arms}, temp dir {tmp}")
     try:
@@ -1271,6 +1419,8 @@ def main(argv: list[str] | None = None) -> int:
                 entry["arms"][arm] = res
                 log(f"round {rnd}/{mode.rounds} {arm}: {describe(res)}")
             rounds.append(entry)
+        if args.instructions:
+            inst = measure_instructions(ctx)
     finally:
         for svc in list(reversed(STARTED)):
             stop_service(svc, flags)
@@ -1281,6 +1431,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = os.getloadavg()
     meds = medians(rounds, args.arms)
     rats = ratios(rounds, args.arms, meds)
+    rats_bare = ratios(rounds, args.arms, meds, base="bare", of=("gate",))
     result = {
         "name": name,
         "date": now.isoformat(timespec="seconds"),
@@ -1297,11 +1448,14 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
         "medians": meds,
         "ratios": rats,
-        "targets": evaluate_targets(rounds, meds, rats, mode.longpolls)
-        if "gate" in args.arms else [],
+        "ratios_to_bare": rats_bare,
+        "targets": evaluate_targets(rounds, meds, rats, mode.longpolls, rats_bare)
+        if "gate" in args.arms and rounds else [],
         "notes": NOTES,
         "flags": flags,
     }
+    if inst is not None:
+        result["instructions"] = inst
     paths = write_results(result, args.out)
     print(paths["md"].read_text())
     log(f"done in {result['duration_s']} s: " + ", ".join(str(p) for p in paths.values()))

@@ -27,6 +27,10 @@ ALL_ARMS = ("get_rps", "get_p50_ms", "get_p99_ms", "tls_rps", "tls_p50_ms", "tls
 PROXY_ONLY = ("get_cpu_us_per_req", "get_req_per_cpu_s", "tls_cpu_us_per_req",
               "tls_req_per_cpu_s", "download_cpu_s_per_gib", "upload_cpu_s_per_gib",
               "idle_rss_mib", "idle_pss_mib", "held_rss_mib", "rss_kib_per_held")
+# The bare aiohttp server answers from memory: small GETs, their CPU, idle RSS.
+BARE = ("get_rps", "get_p50_ms", "get_p99_ms", "get_cpu_us_per_req", "get_req_per_cpu_s",
+        "tls_rps", "tls_p50_ms", "tls_p99_ms", "tls_cpu_us_per_req", "tls_req_per_cpu_s",
+        "idle_rss_mib", "idle_pss_mib")
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +46,15 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, pathlib.Path]
 @pytest.mark.timeout(180)
 def test_smoke_writes_json_markdown_and_chart(smoke: tuple[dict, pathlib.Path]) -> None:
     result, out = smoke
-    assert result["arms"] == ["direct", "nginx", "gate"]
+    assert result["arms"] == ["direct", "nginx", "bare", "gate"]
     assert len(result["rounds"]) == 1
     for key in ("cpu_model", "cores", "kernel", "python", "nginx", "wrk"):
         assert result["machine"][key], key
     assert result["date"]
     md = (out / "smoke.md").read_text()
     assert "| target | measured | met? |" in md
-    assert len(result["targets"]) == 8
+    assert "## The gate against nginx and against its own floor" in md
+    assert len(result["targets"]) == 10
     png = (out / "smoke.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
@@ -79,3 +84,21 @@ def test_smoke_has_every_figure_for_every_arm(smoke: tuple[dict, pathlib.Path]) 
     for key in ALL_ARMS + PROXY_ONLY:
         assert result["medians"]["gate"][key] is not None, key
         assert result["ratios"]["gate"][key]["median_of_rounds"] is not None, key
+
+
+@pytest.mark.timeout(180)
+def test_smoke_has_the_bare_arm_and_gate_over_bare(smoke: tuple[dict, pathlib.Path]) -> None:
+    result, _ = smoke
+    figures = result["rounds"][0]["arms"]["bare"]
+    for key in BARE:
+        value = figures.get(key)
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (key, value)
+    assert figures["_get_errors"] == 0 and figures["_tls_errors"] == 0
+    # Nothing to download, upload or hold: those figures are absent, not zero.
+    assert "download_mibps" not in figures and "longpoll_completed" not in figures
+    to_bare = result["ratios_to_bare"]["gate"]
+    for key in ("get_cpu_us_per_req", "get_p99_ms", "tls_cpu_us_per_req", "tls_p99_ms"):
+        assert to_bare[key]["median_of_rounds"] > 0, key
+    targets = {(t["figure"], t["kind"]): t for t in result["targets"]}
+    assert targets["get_cpu_us_per_req", "bare"]["shown"].endswith("x bare")
+    assert targets["get_p99_ms", "bare"]["measured"] is not None
