@@ -274,14 +274,26 @@ class Connection(asyncio.Protocol):
             self._timer_key = 0
         self._waiter = None
 
-    def wait_head(self, timeout: float) -> asyncio.Future[None] | None:
-        """None once the response head is here; else a future to await first."""
+    def wait_head(self, timeout: float | None) -> asyncio.Future[None] | None:
+        """None once the response head is here; else a future to await first.
+
+        *timeout* None: no deadline, while the request body is still being
+        sent (its own timeouts police it; :meth:`wake` ends the wait when it
+        is done, so that the caller can wait again with a deadline).
+        """
         self._disarm()
         if self._head_ready:
             return None
         if self._exc is not None:
             raise self._exc
+        if timeout is None:
+            fut = self._waiter = self._loop.create_future()
+            return fut
         return self._arm(timeout, "upstream did not answer in time")
+
+    def wake(self) -> None:
+        """Wake whoever waits on this exchange (to re-check its state)."""
+        self._wake()
 
     def head(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         return self.status, bytes(self._reason), self.headers
