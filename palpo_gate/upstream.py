@@ -14,6 +14,8 @@ Rules kept here:
   end and both sides allow keep-alive; anything else closes it;
 - a response to HEAD is taken as complete at its head, and that connection
   is closed (httptools cannot be told the response has no body);
+- the response head is capped at :data:`MAX_RESPONSE_HEAD` bytes, counted
+  before httptools sees them;
 - every failure becomes one of the :mod:`errors` classes.
 """
 
@@ -30,6 +32,11 @@ from .errors import UpstreamBroken, UpstreamConnectTimeout, UpstreamTimeout, Ups
 #: Pause reading from the upstream when this much response body is buffered
 #: and the client is not taking it: memory stays flat on big downloads.
 _HIGH_WATER = 256 * 1024
+#: The most bytes of response head (status line and header fields, with any
+#: interim 1xx responses before it), as nginx's proxy_buffer_size bounds it.
+#: Counted before httptools sees them: it joins a long header value by
+#: repeated concatenation, quadratic in its length.
+MAX_RESPONSE_HEAD = 64 * 1024
 #: Idle pooled connections older than this are not reused: an upstream that
 #: times idle connections out (60 s is common) may be closing them right now,
 #: and a request written into that race cannot always be retried.
@@ -45,11 +52,11 @@ class Connection(asyncio.Protocol):
 
     # Slots: thousands of these are held during long-polls.
     __slots__ = (
-        "_body_until_close", "_buffered", "_chunks", "_drain_waiter", "_exc", "_head_only",
-        "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_overrun", "_parser", "_pool",
-        "_read_paused", "_reason", "_timer_key", "_waiter", "_write_paused",
-        "closed", "complete", "got_bytes", "headers", "idle_since", "reused", "status",
-        "transport",
+        "_body_until_close", "_buffered", "_chunks", "_drain_waiter", "_exc", "_head_bytes",
+        "_head_only", "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_overrun",
+        "_parser", "_pool", "_read_paused", "_reason", "_timer_key", "_waiter",
+        "_write_paused", "closed", "complete", "got_bytes", "headers", "idle_since", "reused",
+        "status", "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -86,6 +93,8 @@ class Connection(asyncio.Protocol):
         self._body_until_close = False
         #: bytes came after the end of the response: out of step, never reused
         self._overrun = False
+        #: bytes fed to the parser before the final response head was complete
+        self._head_bytes = 0
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -107,7 +116,13 @@ class Connection(asyncio.Protocol):
         if parser is None:
             parser = self._parser = httptools.HttpResponseParser(self)
         try:
-            parser.feed_data(data)
+            if self._head_ready:
+                parser.feed_data(data)
+            elif len(data) <= MAX_RESPONSE_HEAD - self._head_bytes:
+                self._head_bytes += len(data)
+                parser.feed_data(data)
+            else:
+                self._feed_capped(parser, data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Overrun):
                 self._overrun = True  # the response before it stands
@@ -123,6 +138,22 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"invalid response from upstream: {exc}"))
             self._close()
+
+    def _feed_capped(self, parser: httptools.HttpResponseParser,
+                     data: bytes) -> None:
+        """Feed the head up to its cap; past the cap, the head must be complete."""
+        room = MAX_RESPONSE_HEAD - self._head_bytes
+        self._head_bytes = MAX_RESPONSE_HEAD
+        if room > 0:
+            parser.feed_data(data[:room])
+        if not self._head_ready:
+            self._fail(UpstreamBroken(
+                f"upstream response head over {MAX_RESPONSE_HEAD} bytes"))
+            self._close(abort=True)
+        elif self.complete:
+            self._overrun = True  # bytes after the response, or after a HEAD response's head
+        elif not self.closed:
+            parser.feed_data(data[room:])
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows

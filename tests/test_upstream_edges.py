@@ -1,19 +1,28 @@
 """The upstream leg under slow clients and hostile upstreams, over real sockets.
 
 - an upload slower than ``upstream.read_timeout`` is not cut: the response
-  deadline starts once the body is sent.
+  deadline starts once the body is sent;
+- the upstream's response head is capped (memory, and httptools' quadratic
+  joining of a long header value).
+
+Memory is measured on a gate process of its own (``run_gate``), so that the
+test's clients and upstreams do not count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import pathlib
 import time
 
-from conftest import port_of, running_gate
-from support.client import Conn
+from conftest import free_port, port_of, running_gate
+from support.client import Conn, Resp, fetch, get
+from support.gate import run_gate
 from support.recorder import Recorder, Req, recorder, response
 from test_forwarding import assert_matrix_error
+
+from palpo_gate.upstream import MAX_RESPONSE_HEAD
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -34,6 +43,13 @@ bind = "127.0.0.1:{port}"
 role = "client"
 """
 
+
+def _rss_kib(pid: int, key: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {key} for pid {pid}")
 
 
 # ---------------------------------------------------------------------------
@@ -127,3 +143,152 @@ async def test_an_early_answer_mid_upload_is_delivered() -> None:
                 await conn.close()
     assert resp.status == 401
     assert resp.body == b'{"errcode":"M_UNKNOWN_TOKEN"}'
+
+
+# ---------------------------------------------------------------------------
+# The response head is capped
+
+
+class HeadFlood:
+    """Upstream handler: a response head that does not end (many 8 KiB header
+    fields, or one header value that grows), sent until the gate closes the
+    connection or *limit* bytes have gone; then a valid end of head."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind = kind
+        self.limit = limit
+        self.sent = 0
+        self.cut = asyncio.Event()
+
+    async def __call__(self, req: Req, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        if self.kind == "value":
+            writer.write(b"X-Big: ")
+        pad = b"a" * (8 * KiB)
+        i = 0
+        try:
+            while self.sent < self.limit:
+                if self.kind == "fields":
+                    piece = b"X-Pad-%d: %s\r\n" % (i, pad)
+                    i += 1
+                else:
+                    piece = pad * 8
+                writer.write(piece)
+                self.sent += len(piece)
+                await writer.drain()
+            writer.write(b"\r\nContent-Length: 2\r\n\r\nok" if self.kind == "value"
+                         else b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
+        except ConnectionError:
+            self.cut.set()
+            raise
+
+
+async def _health_probe(port: int, stop: asyncio.Event) -> float:
+    """GET /health on fresh connections until *stop*; the slowest answer (s)."""
+    worst = 0.0
+    while not stop.is_set():
+        started = time.monotonic()
+        r = await fetch(port, get("/health"))
+        assert r.status == 200
+        worst = max(worst, time.monotonic() - started)
+        await asyncio.sleep(0.02)
+    return worst
+
+
+async def _flood_through_gate(kind: str, limit: int, tmp_path: pathlib.Path
+                              ) -> tuple[Resp, float, float, int, HeadFlood]:
+    flood = HeadFlood(kind, limit)
+    async with recorder() as up:
+        up.handler = flood
+        port = free_port()
+        with run_gate(_toml(up, port=port), tmp_path) as gp:
+            pid = gp.proc.pid
+            await fetch(port, get("/health"))
+            rss_before = _rss_kib(pid)
+            stop = asyncio.Event()
+            probe = asyncio.create_task(_health_probe(port, stop))
+            started = time.monotonic()
+            resp = await fetch(port, get("/_matrix/media/v3/download/hs/x"))
+            took = time.monotonic() - started
+            await asyncio.sleep(0.5)  # /health keeps being asked meanwhile
+            stop.set()
+            worst = await probe
+            growth_kib = _rss_kib(pid, "VmHWM") - rss_before
+    return resp, took, worst, growth_kib, flood
+
+
+async def test_an_endless_response_head_of_many_fields_is_a_502(tmp_path: pathlib.Path) -> None:
+    resp, took, worst, growth_kib, flood = await _flood_through_gate(
+        "fields", 8 * MiB, tmp_path)
+    assert_matrix_error(resp, 502)
+    assert took < 10, took
+    assert flood.cut.is_set(), f"the gate read {flood.sent} bytes of head"
+    assert growth_kib < 8 * KiB, f"gate RSS grew by {growth_kib} KiB"
+    assert worst < 2.0, f"/health took {worst:.2f} s"
+
+
+async def test_one_endless_header_value_is_a_502(tmp_path: pathlib.Path) -> None:
+    # Before the cap, httptools joined the value piece by piece (quadratic):
+    # 64 MiB held the event loop for about 20 s.
+    resp, took, worst, growth_kib, flood = await _flood_through_gate(
+        "value", 64 * MiB, tmp_path)
+    assert_matrix_error(resp, 502)
+    assert took < 10, took
+    assert flood.cut.is_set(), f"the gate read {flood.sent} bytes of head"
+    assert growth_kib < 8 * KiB, f"gate RSS grew by {growth_kib} KiB"
+    assert worst < 2.0, f"/health took {worst:.2f} s"
+
+
+async def test_a_head_just_under_the_cap_is_forwarded() -> None:
+    async def big_head(req: Req, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        status = b"HTTP/1.1 200 OK\r\n"
+        tail = b"Content-Length: 2\r\n\r\n"
+        pad = MAX_RESPONSE_HEAD - len(status) - len(tail) - len(b"X-Pad: \r\n")
+        # Sent in small pieces, as a slow upstream would.
+        head = status + b"X-Pad: " + b"p" * pad + b"\r\n" + tail
+        assert len(head) == MAX_RESPONSE_HEAD
+        for i in range(0, len(head), 1000):
+            writer.write(head[i:i + 1000])
+            await writer.drain()
+        writer.write(b"ok")
+
+    async with recorder() as up:
+        up.handler = big_head
+        async with running_gate(_toml(up)) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                r = await conn.request(get("/_matrix/x"))
+                assert (r.status, r.body) == (200, b"ok")
+                assert len(r.header("X-Pad") or "") > 60000
+                # The connection stays usable for the next request.
+                r = await conn.request(get("/_matrix/x"))
+                assert (r.status, r.body) == (200, b"ok")
+            finally:
+                await conn.close()
+        assert up.connections == 1
+
+
+async def test_a_head_over_the_cap_closes_the_upstream_connection() -> None:
+    async def over(req: Req, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> None:
+        if req.target == b"/_matrix/over":
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * MAX_RESPONSE_HEAD
+                         + b"\r\nContent-Length: 2\r\n\r\nok")
+        else:
+            writer.write(response(200, b"fine"))
+
+    async with recorder() as up:
+        up.handler = over
+        async with running_gate(_toml(up)) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                r = await conn.request(get("/_matrix/over"))
+                assert_matrix_error(r, 502)
+                r = await conn.request(get("/_matrix/next"))
+                assert (r.status, r.body) == (200, b"fine")
+            finally:
+                await conn.close()
+        assert up.connections == 2
