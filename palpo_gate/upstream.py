@@ -12,8 +12,10 @@ the CPU per request (see AIOHTTP-FACTS section 8).
 Rules kept here:
 - a connection goes back to the pool only when its response was read to the
   end and both sides allow keep-alive; anything else closes it;
-- a response to HEAD is taken as complete at its head, and that connection
-  is closed (httptools cannot be told the response has no body);
+- a response to HEAD is taken as complete at its head (RFC 9110 section
+  9.3.2); httptools cannot be told it has no body, so the next exchange on
+  that connection gets a fresh parser, and any byte after the head makes the
+  connection out of step;
 - the response head is capped at :data:`MAX_RESPONSE_HEAD` bytes, counted
   before httptools sees them;
 - every failure becomes one of the :mod:`errors` classes.
@@ -226,12 +228,19 @@ class Connection(asyncio.Protocol):
         self.status = status
         self._head_ready = True
         if self._head_only:
+            # The response to HEAD ends at its head, whatever its framing
+            # headers say (RFC 9110 section 9.3.2). Read now: the parser
+            # never reaches the end of this message.
+            self._keep_alive = self._parser.should_keep_alive()
             self.complete = True
         elif status not in (204, 304):
             self._body_until_close = not framed
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._head_only:
+            self._overrun = True  # a body after a HEAD response's head
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._read_paused and self.transport:
@@ -240,8 +249,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if not self._head_ready:
-            return  # end of an interim response
+        if not self._head_ready or self._head_only:
+            return  # end of an interim response; a HEAD response ended at its head
         # Read it here: httptools forgets it once feed_data() returns.
         assert self._parser is not None
         self._keep_alive = self._parser.should_keep_alive()
@@ -375,8 +384,12 @@ class Connection(asyncio.Protocol):
         both sides keep the connection alive, closed otherwise."""
         self._in_exchange = False
         self._disarm()
-        if (reusable and self.complete and self._keep_alive and not self._head_only
+        if (reusable and self.complete and self._keep_alive
                 and not self.closed and self._exc is None and not self._overrun):
+            if self._head_only:
+                # The parser still waits for the body the HEAD response's
+                # framing announced: the next response gets a fresh one.
+                self._parser = None
             self._reset_exchange(False)
             self._pool._release(self)
         else:

@@ -3,7 +3,8 @@
 - an upload slower than ``upstream.read_timeout`` is not cut: the response
   deadline starts once the body is sent;
 - the upstream's response head is capped (memory, and httptools' quadratic
-  joining of a long header value).
+  joining of a long header value);
+- a HEAD response leaves its upstream connection reusable.
 
 Memory is measured on a gate process of its own (``run_gate``), so that the
 test's clients and upstreams do not count.
@@ -19,7 +20,7 @@ import time
 from conftest import free_port, port_of, running_gate
 from support.client import Conn, Resp, fetch, get
 from support.gate import run_gate
-from support.recorder import Recorder, Req, recorder, response
+from support.recorder import Handler, Recorder, Req, recorder, response
 from test_forwarding import assert_matrix_error
 
 from palpo_gate.upstream import MAX_RESPONSE_HEAD
@@ -292,3 +293,81 @@ async def test_a_head_over_the_cap_closes_the_upstream_connection() -> None:
             finally:
                 await conn.close()
         assert up.connections == 2
+
+
+# ---------------------------------------------------------------------------
+# HEAD responses leave the connection reusable
+
+
+def _head_handler(extra: bytes = b"", later: bytes = b"", close: bool = False) -> Handler:
+    async def handler(req: Req, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        if req.method == b"HEAD":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n"
+                         + (b"Connection: close\r\n" if close else b"")
+                         + b"Content-Length: 1234\r\n\r\n" + extra)
+            if later:
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(later)
+            if close:
+                await writer.drain()
+                writer.close()
+        else:
+            writer.write(response(200, b"body of " + req.target))
+    return handler
+
+
+async def test_200_heads_on_one_client_connection_use_one_upstream_connection() -> None:
+    async with recorder() as up:
+        up.handler = _head_handler()
+        async with running_gate(_toml(up)) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                for i in range(200):
+                    r = await conn.request(get(f"/_matrix/media/v3/download/hs/{i}",
+                                               method="HEAD"), head_only=True)
+                    assert r.status == 200
+                    assert r.header("Content-Length") == "1234"
+                # A GET after them gets its own response, not a stale one.
+                r = await conn.request(get("/_matrix/after"))
+                assert (r.status, r.body) == (200, b"body of /_matrix/after")
+                assert conn.pending == b""
+            finally:
+                await conn.close()
+        assert len(up.requests) == 201
+        assert up.connections == 1
+
+
+async def test_a_head_response_with_connection_close_is_not_reused() -> None:
+    async with recorder() as up:
+        up.handler = _head_handler(close=True)
+        async with running_gate(_toml(up)) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                r = await conn.request(get("/_matrix/a", method="HEAD"), head_only=True)
+                assert r.status == 200
+                r = await conn.request(get("/_matrix/b"))
+                assert (r.status, r.body) == (200, b"body of /_matrix/b")
+            finally:
+                await conn.close()
+        assert up.connections == 2
+
+
+async def test_bytes_after_a_head_response_make_the_connection_out_of_step() -> None:
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
+    for label, handler in (("same write", _head_handler(extra=smuggled)),
+                           ("later write", _head_handler(later=smuggled))):
+        async with recorder() as up:
+            up.handler = handler
+            async with running_gate(_toml(up)) as gate:
+                conn = await Conn.open(port_of(gate))
+                try:
+                    r = await conn.request(get("/_matrix/a", method="HEAD"), head_only=True)
+                    assert r.status == 200, label
+                    await asyncio.sleep(0.5)  # the later write has come meanwhile
+                    r = await conn.request(get("/_matrix/b"))
+                    assert (r.status, r.body) == (200, b"body of /_matrix/b"), label
+                finally:
+                    await conn.close()
+            assert up.connections == 2, label
