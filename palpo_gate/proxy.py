@@ -279,6 +279,9 @@ class ListenerHandler:
                     # and the end of the body in one write.
                     last = conn.drained()
                     if out.send(data, last):
+                        # The client is behind: hold the upstream too, so a
+                        # stalled client costs one piece, not one per side.
+                        conn.pause()
                         try:
                             async with asyncio.timeout(limits.body_timeout):
                                 await out.drain()

@@ -18,6 +18,8 @@ Rules kept here:
   connection out of step;
 - the response head is capped at :data:`MAX_RESPONSE_HEAD` bytes, counted
   before httptools sees them;
+- what one connection buffers is bounded: reads go into one buffer the pool
+  shares, sized to what the connection may still hold;
 - every failure becomes one of the :mod:`errors` classes.
 """
 
@@ -31,9 +33,12 @@ import httptools
 from .config import Upstream
 from .errors import UpstreamBroken, UpstreamConnectTimeout, UpstreamTimeout, UpstreamUnavailable
 
-#: Pause reading from the upstream when this much response body is buffered
-#: and the client is not taking it: memory stays flat on big downloads.
-_HIGH_WATER = 256 * 1024
+#: The most response body one connection buffers while the client is not
+#: taking it. It is also the largest read: a read never asks for more than the
+#: room left, and reading pauses when there is none. What a stalled download
+#: costs (with response._HIGH_WATER on the client side) is bounded by it, and
+#: 64 KiB reads keep loopback downloads at full speed.
+_HIGH_WATER = 64 * 1024
 #: The most bytes of response head (status line and header fields, with any
 #: interim 1xx responses before it), as nginx's proxy_buffer_size bounds it.
 #: Counted before httptools sees them: it joins a long header value by
@@ -49,7 +54,7 @@ class _Overrun(Exception):
     """Raised inside the parser to stop it at bytes past the response."""
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One upstream connection; carries one exchange at a time."""
 
     # Slots: thousands of these are held during long-polls.
@@ -103,7 +108,17 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Never more than the room left below _HIGH_WATER: one read cannot
+        # take a connection past it (reading is paused once there is no room).
+        room = _HIGH_WATER - self._buffered
+        view = self._pool.read_view
+        return view if room >= _HIGH_WATER else view[:max(room, 1)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._pool.read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if not self._in_exchange:
             # Bytes nobody asked for: the connection is out of step; drop it.
             self._close()
@@ -142,7 +157,7 @@ class Connection(asyncio.Protocol):
             self._close()
 
     def _feed_capped(self, parser: httptools.HttpResponseParser,
-                     data: bytes) -> None:
+                     data: bytes | memoryview) -> None:
         """Feed the head up to its cap; past the cap, the head must be complete."""
         room = MAX_RESPONSE_HEAD - self._head_bytes
         self._head_bytes = MAX_RESPONSE_HEAD
@@ -243,7 +258,7 @@ class Connection(asyncio.Protocol):
             return
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._read_paused and self.transport:
+        if self._buffered >= _HIGH_WATER and not self._read_paused and self.transport:
             self._read_paused = True
             self.transport.pause_reading()
         self._wake()
@@ -342,6 +357,9 @@ class Connection(asyncio.Protocol):
         """The response body buffered so far (b"" if none); raises the
         exchange's error once nothing is left to hand out."""
         self._disarm()
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
         chunks = self._chunks
         if not chunks:
             if self._exc is not None and not self.complete:
@@ -350,10 +368,14 @@ class Connection(asyncio.Protocol):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
-        if self._read_paused and self.transport is not None:
-            self._read_paused = False
-            self.transport.resume_reading()
         return data
+
+    def pause(self) -> None:
+        """Read nothing more until the next :meth:`take`: the client is behind,
+        and what it has not taken is already held on its side."""
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
 
     def wait_body(self, timeout: float) -> asyncio.Future[None] | None:
         """None if body bytes or the end are here; else a future to await."""
@@ -390,6 +412,10 @@ class Connection(asyncio.Protocol):
                 # The parser still waits for the body the HEAD response's
                 # framing announced: the next response gets a fresh one.
                 self._parser = None
+            if self._read_paused and self.transport is not None:
+                # Paused for a slow client at the last piece: an idle pooled
+                # connection must still see the upstream close it.
+                self.transport.resume_reading()
             self._reset_exchange(False)
             self._pool._release(self)
         else:
@@ -451,6 +477,9 @@ class Pool:
         self.deadlines = Deadlines(self.loop)
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
+        #: every connection of this pool reads into this buffer: httptools
+        #: copies what it keeps before the next read
+        self.read_view = memoryview(bytearray(_HIGH_WATER))
         path = cfg.path
         self._unix_path = "\0" + path[1:] if path.startswith("@") else path
 

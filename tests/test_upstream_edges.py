@@ -4,7 +4,8 @@
   deadline starts once the body is sent;
 - the upstream's response head is capped (memory, and httptools' quadratic
   joining of a long header value);
-- a HEAD response leaves its upstream connection reusable.
+- a HEAD response leaves its upstream connection reusable;
+- a client that stops reading holds a bounded amount of memory.
 
 Memory is measured on a gate process of its own (``run_gate``), so that the
 test's clients and upstreams do not count.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
+import socket
 import time
 
 from conftest import free_port, port_of, running_gate
@@ -23,7 +25,8 @@ from support.gate import run_gate
 from support.recorder import Handler, Recorder, Req, recorder, response
 from test_forwarding import assert_matrix_error
 
-from palpo_gate.upstream import MAX_RESPONSE_HEAD
+from palpo_gate import config as configmod
+from palpo_gate.upstream import MAX_RESPONSE_HEAD, Pool
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -371,3 +374,89 @@ async def test_bytes_after_a_head_response_make_the_connection_out_of_step() -> 
                 finally:
                     await conn.close()
             assert up.connections == 2, label
+
+
+# ---------------------------------------------------------------------------
+# A client that stops reading holds little
+
+
+STALLED = 100
+BIG_BODY = 256 * MiB
+
+
+async def test_stalled_downloads_hold_little_memory_each(tmp_path: pathlib.Path) -> None:
+    block = b"x" * MiB
+
+    async def big(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if req.target.endswith(b"/warm-up"):
+            writer.write(response(200, b"warm"))
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % BIG_BODY)
+        for _ in range(BIG_BODY // MiB):
+            writer.write(block)
+            await writer.drain()
+
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    async with recorder() as up:
+        up.handler = big
+        port = free_port()
+        with run_gate(_toml(up, port=port, limits='body_timeout = "120s"'), tmp_path) as gp:
+            pid = gp.proc.pid
+            try:
+                for _ in range(3):
+                    assert (await fetch(port, get("/_matrix/warm-up"))).body == b"warm"
+                await asyncio.sleep(0.3)
+                rss_before = _rss_kib(pid)
+                for _ in range(STALLED):
+                    s = socket.socket()
+                    s.setblocking(False)
+                    await loop.sock_connect(s, ("127.0.0.1", port))
+                    s.send(get("/_matrix/media/v3/download/hs/big"))  # then never read
+                    socks.append(s)
+                await up.wait_requests(3 + STALLED, timeout=30)
+                # Until the gate's memory settles: every download has filled
+                # the socket buffers and the gate holds what it holds.
+                last, settled_at, deadline = -1, time.monotonic(), time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    rss = _rss_kib(pid)
+                    if rss != last:
+                        last, settled_at = rss, time.monotonic()
+                    elif time.monotonic() - settled_at > 2:
+                        break
+                per_client = (_rss_kib(pid) - rss_before) / STALLED
+                # The gate still answers while they stall.
+                assert (await fetch(port, get("/health"))).status == 200
+            finally:
+                for s in socks:
+                    s.close()
+    assert per_client < 300, f"{per_client:.0f} KiB per stalled download"
+
+
+
+async def test_a_connection_paused_for_a_slow_client_is_pooled_reading_again() -> None:
+    # The forward loop pauses upstream reads while the client is behind, also
+    # at the last piece of a response; the connection then goes back to the
+    # pool and must read again: its next response, or the upstream closing it.
+    async with recorder() as up:
+        cfg = configmod.loads(_toml(up, upstream='read_timeout = "2s"')).upstream
+        pool = Pool(cfg, asyncio.get_running_loop())
+        try:
+            for i in range(2):
+                conn = await pool.acquire()
+                conn.begin(head_only=False)
+                conn.write(get(f"/_matrix/{i}"))
+                status, _, _ = await conn.read_head(2)
+                body = b""
+                while data := await conn.read_body(2):
+                    body += data
+                assert (status, conn.drained()) == (200, True)
+                assert b'"target": "/_matrix/%d"' % i in body
+                conn.pause()
+                conn.finish(reusable=True)
+                assert pool.idle_count == 1
+            assert up.connections == 1
+        finally:
+            pool.close()
