@@ -255,7 +255,13 @@ class ListenerHandler:
                     pump = _BodyPump(request, conn, chunked, limits.max_body_size,
                                      limits.body_timeout, read_timeout)
                 try:
-                    while (fut := conn.wait_head(read_timeout)) is not None:
+                    # The response deadline starts once the request body is
+                    # sent: until then limits.body_timeout polices the upload
+                    # (a slow client's upload is not a slow upstream), and an
+                    # early answer (401 mid-upload) still wakes this wait.
+                    while (fut := conn.wait_head(
+                            None if pump is not None and pump.sending else read_timeout)
+                           ) is not None:
                         await fut
                     break
                 except UpstreamBroken:
@@ -294,6 +300,9 @@ class ListenerHandler:
                     # and the end of the body in one write.
                     last = conn.drained()
                     if out.send(data, last):
+                        # The client is behind: hold the upstream too, so a
+                        # stalled client costs one piece, not one per side.
+                        conn.pause()
                         try:
                             async with asyncio.timeout(limits.body_timeout):
                                 await out.drain()
@@ -393,6 +402,8 @@ class _BodyPump:
     def __init__(self, request: web.BaseRequest, conn: Connection, chunked: bool,
                  limit: int, body_timeout: float, write_timeout: float) -> None:
         self.consumed = 0
+        #: True until the body is sent (or the pump ended otherwise)
+        self.sending = True
         self._request = request
         self._conn = conn
         self._chunked = chunked
@@ -436,6 +447,10 @@ class _BodyPump:
             raise
         except Exception as exc:  # the client's body could not be read
             conn.fail(BadRequestBody(f"request body unreadable: {exc}"))
+        finally:
+            # The wait for the response head gets its deadline from now on.
+            self.sending = False
+            conn.wake()
 
 
 class _Record:

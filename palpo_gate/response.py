@@ -18,8 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-#: Flush to the client and wait for it once this much is buffered (backpressure).
-_HIGH_WATER = 256 * 1024
+#: Wait for the client once this much is buffered toward it (backpressure),
+#: and the transport's own high-water mark (uvloop's default is 64 KiB, and
+#: 512 KiB for TLS): a client that stops reading holds at most this plus one
+#: piece of body (upstream._HIGH_WATER). The kernel's socket buffer, not this
+#: one, keeps a fast client busy.
+_HIGH_WATER = 32 * 1024
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -54,6 +58,9 @@ class ProxiedResponse(web.StreamResponse):
             return
         self._req = request
         self._payload_writer = self._drain_writer = request._payload_writer
+        transport = request.transport
+        if transport is not None:
+            transport.set_write_buffer_limits(_HIGH_WATER)
         version = request.version
         keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
         # HTTP/1.1 to 1.0 clients too: the highest version the gate speaks

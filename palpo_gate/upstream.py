@@ -12,8 +12,14 @@ the CPU per request (see AIOHTTP-FACTS section 8).
 Rules kept here:
 - a connection goes back to the pool only when its response was read to the
   end and both sides allow keep-alive; anything else closes it;
-- a response to HEAD is taken as complete at its head, and that connection
-  is closed (httptools cannot be told the response has no body);
+- a response to HEAD is taken as complete at its head (RFC 9110 section
+  9.3.2); httptools cannot be told it has no body, so the next exchange on
+  that connection gets a fresh parser, and any byte after the head makes the
+  connection out of step;
+- the response head is capped at :data:`MAX_RESPONSE_HEAD` bytes, counted
+  before httptools sees them;
+- what one connection buffers is bounded: reads go into one buffer the pool
+  shares, sized to what the connection may still hold;
 - every failure becomes one of the :mod:`errors` classes.
 """
 
@@ -27,9 +33,17 @@ import httptools
 from .config import Upstream
 from .errors import UpstreamBroken, UpstreamConnectTimeout, UpstreamTimeout, UpstreamUnavailable
 
-#: Pause reading from the upstream when this much response body is buffered
-#: and the client is not taking it: memory stays flat on big downloads.
-_HIGH_WATER = 256 * 1024
+#: The most response body one connection buffers while the client is not
+#: taking it. It is also the largest read: a read never asks for more than the
+#: room left, and reading pauses when there is none. What a stalled download
+#: costs (with response._HIGH_WATER on the client side) is bounded by it, and
+#: 64 KiB reads keep loopback downloads at full speed.
+_HIGH_WATER = 64 * 1024
+#: The most bytes of response head (status line and header fields, with any
+#: interim 1xx responses before it), as nginx's proxy_buffer_size bounds it.
+#: Counted before httptools sees them: it joins a long header value by
+#: repeated concatenation, quadratic in its length.
+MAX_RESPONSE_HEAD = 64 * 1024
 #: Idle pooled connections older than this are not reused: an upstream that
 #: times idle connections out (60 s is common) may be closing them right now,
 #: and a request written into that race cannot always be retried.
@@ -40,16 +54,16 @@ class _Overrun(Exception):
     """Raised inside the parser to stop it at bytes past the response."""
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One upstream connection; carries one exchange at a time."""
 
     # Slots: thousands of these are held during long-polls.
     __slots__ = (
-        "_body_until_close", "_buffered", "_chunks", "_drain_waiter", "_exc", "_head_only",
-        "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_overrun", "_parser", "_pool",
-        "_read_paused", "_reason", "_timer_key", "_waiter", "_write_paused",
-        "closed", "complete", "got_bytes", "headers", "idle_since", "reused", "status",
-        "transport",
+        "_body_until_close", "_buffered", "_chunks", "_drain_waiter", "_exc", "_head_bytes",
+        "_head_only", "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_overrun",
+        "_parser", "_pool", "_read_paused", "_reason", "_timer_key", "_waiter",
+        "_write_paused", "closed", "complete", "got_bytes", "headers", "idle_since", "reused",
+        "status", "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -86,13 +100,25 @@ class Connection(asyncio.Protocol):
         self._body_until_close = False
         #: bytes came after the end of the response: out of step, never reused
         self._overrun = False
+        #: bytes fed to the parser before the final response head was complete
+        self._head_bytes = 0
 
     # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Never more than the room left below _HIGH_WATER: one read cannot
+        # take a connection past it (reading is paused once there is no room).
+        room = _HIGH_WATER - self._buffered
+        view = self._pool.read_view
+        return view if room >= _HIGH_WATER else view[:max(room, 1)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._pool.read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if not self._in_exchange:
             # Bytes nobody asked for: the connection is out of step; drop it.
             self._close()
@@ -107,7 +133,13 @@ class Connection(asyncio.Protocol):
         if parser is None:
             parser = self._parser = httptools.HttpResponseParser(self)
         try:
-            parser.feed_data(data)
+            if self._head_ready:
+                parser.feed_data(data)
+            elif len(data) <= MAX_RESPONSE_HEAD - self._head_bytes:
+                self._head_bytes += len(data)
+                parser.feed_data(data)
+            else:
+                self._feed_capped(parser, data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Overrun):
                 self._overrun = True  # the response before it stands
@@ -123,6 +155,22 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"invalid response from upstream: {exc}"))
             self._close()
+
+    def _feed_capped(self, parser: httptools.HttpResponseParser,
+                     data: bytes | memoryview) -> None:
+        """Feed the head up to its cap; past the cap, the head must be complete."""
+        room = MAX_RESPONSE_HEAD - self._head_bytes
+        self._head_bytes = MAX_RESPONSE_HEAD
+        if room > 0:
+            parser.feed_data(data[:room])
+        if not self._head_ready:
+            self._fail(UpstreamBroken(
+                f"upstream response head over {MAX_RESPONSE_HEAD} bytes"))
+            self._close(abort=True)
+        elif self.complete:
+            self._overrun = True  # bytes after the response, or after a HEAD response's head
+        elif not self.closed:
+            parser.feed_data(data[room:])
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -195,22 +243,29 @@ class Connection(asyncio.Protocol):
         self.status = status
         self._head_ready = True
         if self._head_only:
+            # The response to HEAD ends at its head, whatever its framing
+            # headers say (RFC 9110 section 9.3.2). Read now: the parser
+            # never reaches the end of this message.
+            self._keep_alive = self._parser.should_keep_alive()
             self.complete = True
         elif status not in (204, 304):
             self._body_until_close = not framed
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._head_only:
+            self._overrun = True  # a body after a HEAD response's head
+            return
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._read_paused and self.transport:
+        if self._buffered >= _HIGH_WATER and not self._read_paused and self.transport:
             self._read_paused = True
             self.transport.pause_reading()
         self._wake()
 
     def on_message_complete(self) -> None:
-        if not self._head_ready:
-            return  # end of an interim response
+        if not self._head_ready or self._head_only:
+            return  # end of an interim response; a HEAD response ended at its head
         # Read it here: httptools forgets it once feed_data() returns.
         assert self._parser is not None
         self._keep_alive = self._parser.should_keep_alive()
@@ -274,14 +329,26 @@ class Connection(asyncio.Protocol):
             self._timer_key = 0
         self._waiter = None
 
-    def wait_head(self, timeout: float) -> asyncio.Future[None] | None:
-        """None once the response head is here; else a future to await first."""
+    def wait_head(self, timeout: float | None) -> asyncio.Future[None] | None:
+        """None once the response head is here; else a future to await first.
+
+        *timeout* None: no deadline, while the request body is still being
+        sent (its own timeouts police it; :meth:`wake` ends the wait when it
+        is done, so that the caller can wait again with a deadline).
+        """
         self._disarm()
         if self._head_ready:
             return None
         if self._exc is not None:
             raise self._exc
+        if timeout is None:
+            fut = self._waiter = self._loop.create_future()
+            return fut
         return self._arm(timeout, "upstream did not answer in time")
+
+    def wake(self) -> None:
+        """Wake whoever waits on this exchange (to re-check its state)."""
+        self._wake()
 
     def head(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         return self.status, bytes(self._reason), self.headers
@@ -290,6 +357,9 @@ class Connection(asyncio.Protocol):
         """The response body buffered so far (b"" if none); raises the
         exchange's error once nothing is left to hand out."""
         self._disarm()
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
         chunks = self._chunks
         if not chunks:
             if self._exc is not None and not self.complete:
@@ -298,10 +368,14 @@ class Connection(asyncio.Protocol):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
-        if self._read_paused and self.transport is not None:
-            self._read_paused = False
-            self.transport.resume_reading()
         return data
+
+    def pause(self) -> None:
+        """Read nothing more until the next :meth:`take`: the client is behind,
+        and what it has not taken is already held on its side."""
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
 
     def wait_body(self, timeout: float) -> asyncio.Future[None] | None:
         """None if body bytes or the end are here; else a future to await."""
@@ -332,8 +406,16 @@ class Connection(asyncio.Protocol):
         both sides keep the connection alive, closed otherwise."""
         self._in_exchange = False
         self._disarm()
-        if (reusable and self.complete and self._keep_alive and not self._head_only
+        if (reusable and self.complete and self._keep_alive
                 and not self.closed and self._exc is None and not self._overrun):
+            if self._head_only:
+                # The parser still waits for the body the HEAD response's
+                # framing announced: the next response gets a fresh one.
+                self._parser = None
+            if self._read_paused and self.transport is not None:
+                # Paused for a slow client at the last piece: an idle pooled
+                # connection must still see the upstream close it.
+                self.transport.resume_reading()
             self._reset_exchange(False)
             self._pool._release(self)
         else:
@@ -395,6 +477,9 @@ class Pool:
         self.deadlines = Deadlines(self.loop)
         self._idle: list[Connection] = []
         self._all: set[Connection] = set()
+        #: every connection of this pool reads into this buffer: httptools
+        #: copies what it keeps before the next read
+        self.read_view = memoryview(bytearray(_HIGH_WATER))
         path = cfg.path
         self._unix_path = "\0" + path[1:] if path.startswith("@") else path
 
