@@ -23,8 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from . import clients, wellknown
 from . import headers as hdr
-from . import wellknown
 from .accesslog import AccessLog
 from .config import Config, Listener
 from .errors import (
@@ -38,6 +38,7 @@ from .errors import (
     error_body,
 )
 from .metrics import UPSTREAM_ERROR_KIND, Registry
+from .ratelimit import Policy
 from .response import ProxiedResponse
 from .routing import Action, Router
 from .upstream import Connection, Pool
@@ -73,6 +74,10 @@ class Generation:
         self.rid_lower = self.rid_name.lower()
         self.limits = cfg.limits
         self.read_timeout = cfg.upstream.read_timeout
+        # -- client addresses and limits (clients.py, ratelimit.py)
+        self.trusted_set = clients.Trusted(self.trusted)
+        #: [rate_limits] of this config; set by the Gate, whose storage outlives generations
+        self.rate: Policy | None = None
 
 
 def _in(addr: str, networks: tuple[Any, ...]) -> bool:
@@ -137,6 +142,12 @@ class ListenerHandler:
         client = getattr(protocol, "client_addr", None)
         if client is None:
             client = _client_addr(request)
+        # The connection address (TCP peer or PROXY header) is what X-Forwarded-For
+        # appends; behind trusted proxies the client is further left (clients.py).
+        peer = client
+        if gen.trusted and peer in gen.trusted_set:
+            client = clients.forwarded_client(peer, clients.xff_values(request.raw_headers),
+                                              gen.trusted_set)
         rid = hdr.header_value(request.raw_headers, gen.rid_lower)
         if not hdr.sane_request_id(rid):
             rid = hdr.new_request_id()
@@ -146,8 +157,15 @@ class ListenerHandler:
                                decision.matrix, rid)
         elif action is Action.FORWARD or (
                 action is Action.ADMIN and _in(client, gen.allow_admin)):
+            rate = gen.rate
+            if rate is not None and (rate.every or (method == "POST" and rate.posts)):
+                rules = rate.rules(method, decision.path)  # [rate_limits] (ratelimit.py)
+                if rules:
+                    return self._forward_limited(rate, rules, request, method, target,
+                                                 decision.matrix, client, rid,
+                                                 _ROUTE[action], peer)
             return self._forward(request, method, target, decision.matrix, client, rid,
-                                 _ROUTE[action])
+                                 _ROUTE[action], peer)
         elif action is Action.ADMIN:
             resp = self._error(403, "the admin API is not reachable through this gateway",
                                True, rid)
@@ -211,10 +229,34 @@ class ListenerHandler:
 
     # -- forwarding -------------------------------------------------------------------
 
+    async def _forward_limited(self, rate: Policy, rules: Any, request: web.BaseRequest,
+                               method: str, target: str, matrix: bool, client: str, rid: bytes,
+                               route: str, peer: str) -> web.StreamResponse:
+        """[rate_limits]: a 429 of the gate's own when *client* is over a limit
+        (ratelimit.py), else forward."""
+        resp = await rate.check(rules, client)
+        if resp is None:
+            return await self._forward(request, method, target, matrix, client, rid, route,
+                                       peer)
+        gen = self.gen
+        resp.headers[gen.rid_name.decode()] = rid.decode()
+        if self.retired:
+            resp.force_close()
+        rec = _Record()
+        rec.error = "rate_limited"
+        if gen.access.enabled:
+            gen.access.write(request, self.name, client, rec, time.monotonic(), rid, resp)
+        if gen.metrics is not None:
+            gen.metrics.observe(self.name, "rate_limited", 429, 0.0, 0, 0)
+        return resp
+
     async def _forward(self, request: web.BaseRequest, method: str, target: str,
-                       matrix: bool, client: str, rid: bytes, route: str
+                       matrix: bool, client: str, rid: bytes, route: str, peer: str
                        ) -> web.StreamResponse:
-        """Forward one request; the one funnel from failures to responses."""
+        """Forward one request; the one funnel from failures to responses.
+
+        *client* is the client address (logs, limits); *peer* the connection
+        address that ``X-Forwarded-For`` appends (SPEC section 3)."""
         gen = self.gen
         metrics = gen.metrics
         started = time.monotonic() if gen.access.enabled or metrics is not None else 0.0
@@ -223,7 +265,7 @@ class ListenerHandler:
         pump: _BodyPump | None = None
         conn: Connection | None = None
         try:
-            head, has_body, chunked = self._request_head(request, method, target, client, rid)
+            head, has_body, chunked = self._request_head(request, method, target, peer, rid)
             limits = gen.limits
             read_timeout = gen.read_timeout
             for attempt in (0, 1):
@@ -313,7 +355,7 @@ class ListenerHandler:
                                 time.monotonic() - started, rec.bytes_in, rec.bytes_out)
         return resp
 
-    def _request_head(self, request: web.BaseRequest, method: str, target: str, client: str,
+    def _request_head(self, request: web.BaseRequest, method: str, target: str, peer: str,
                       rid: bytes) -> tuple[bytes, bool, bool]:
         """The head to send upstream, whether a body follows, whether it is chunked.
 
@@ -349,7 +391,8 @@ class ListenerHandler:
             raise BadHost("invalid Host header")
         head = hdr.build_request_head(
             method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
-            client_addr=client, peer_trusted=_in(client, gen.trusted), proto=self.proto,
+            client_addr=peer, peer_trusted=bool(gen.trusted) and peer in gen.trusted_set,
+            proto=self.proto,
             host=hdr.host_with_port(host, self.port, self.fallback_host),
             request_id_name=gen.rid_name, request_id=rid, framing=framing)
         return head, has_body, chunked
