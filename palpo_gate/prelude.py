@@ -184,6 +184,10 @@ class _PreludeProtocol(asyncio.BufferedProtocol):
         if event.addr is not None:
             self.addr = canonical(event.addr)
         if self.p.tls is not None:
+            # Stop reading now: the ClientHello is start_tls's to read (uvloop
+            # would otherwise read on into this protocol's buffer at once).
+            assert self.transport is not None and not self.buf  # read exactly up to here
+            self.transport.pause_reading()
             self._task = asyncio.get_running_loop().create_task(self._start_tls())
         else:
             self._admit()
@@ -211,7 +215,7 @@ class _PreludeProtocol(asyncio.BufferedProtocol):
             tls = await loop.start_tls(self.transport, self, self.p.tls, server_side=True,
                                        ssl_handshake_timeout=self.p.header_timeout)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-            log.debug("TLS handshake after the PROXY header from %s failed: %s", self.addr, exc)
+            log.debug("TLS handshake after the PROXY header from %s failed: %r", self.addr, exc)
             self.abort("")
             return
         if self.done or tls is None:
