@@ -291,6 +291,7 @@ class SharedStore:
 
     async def channel(self) -> socket.socket:
         """A new channel; the returned end is the worker's (inheritable)."""
+        self._transports = [t for t in self._transports if not t.is_closing()]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
             lambda: _StoreSide(self), ours)
