@@ -28,13 +28,15 @@ def _v2_raw(ver_cmd: int, fam: int, body: bytes) -> bytes:
     return V2_SIGNATURE + bytes([ver_cmd, fam]) + len(body).to_bytes(2, "big") + body
 
 
-V4_BLOCK = bytes([203, 0, 113, 7, 10, 0, 0, 1]) + (51000).to_bytes(2, "big") + (443).to_bytes(2, "big")
+V4_BLOCK = (bytes([203, 0, 113, 7, 10, 0, 0, 1]) + (51000).to_bytes(2, "big")
+            + (443).to_bytes(2, "big"))
 V6_BLOCK = (bytes.fromhex("20010db8000000000000000000000042") + bytes(15) + b"\x01"
             + (40000).to_bytes(2, "big") + (8448).to_bytes(2, "big"))
 
 #: (name, header bytes, expected Header without its length: family, addr, port, version)
 VALID: list[tuple[str, bytes, tuple[str, str | None, int | None, int]]] = [
-    ("v1 tcp4", b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n", ("TCP4", "203.0.113.7", 51000, 1)),
+    ("v1 tcp4", b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n",
+     ("TCP4", "203.0.113.7", 51000, 1)),
     ("v1 tcp4 port 0", b"PROXY TCP4 1.2.3.4 5.6.7.8 0 65535\r\n", ("TCP4", "1.2.3.4", 0, 1)),
     ("v1 tcp6", b"PROXY TCP6 2001:db8::42 ::1 40000 8448\r\n", ("TCP6", "2001:db8::42", 40000, 1)),
     ("v1 tcp6 upper case", b"PROXY TCP6 2001:DB8::AB ::1 1 2\r\n", ("TCP6", "2001:db8::ab", 1, 1)),
