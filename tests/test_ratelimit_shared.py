@@ -197,6 +197,9 @@ def test_workers_share_one_budget(upstream: ThreadedUpstream, tmp_path: pathlib.
     metrics = free_port()
     with run_gate(config(upstream, 'login = "4/minute"\nconnections = 3', workers=2,
                          metrics=metrics), tmp_path / "g") as gate:
+        # Both workers serve ("ready" of the first worker is not the service's).
+        assert wait_for(lambda: any("palpo-gate ready: 2 workers" in line
+                                    for line in gate.stderr_lines), 30)
         # Each attempt on a new connection: the kernel spreads them over both
         # workers (SO_REUSEPORT), so per-worker budgets would let 8 through.
         results = [status(port(gate)) for _ in range(30)]
