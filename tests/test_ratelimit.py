@@ -13,13 +13,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import pathlib
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from conftest import free_port, gate_toml, port_of
 from support.client import Conn, Resp
+from support.gate import run_gate
 from support.recorder import Recorder, recorder
+from support.upstream_thread import threaded_upstream
 
 from palpo_gate import config as configmod
 from palpo_gate.config import Rate
@@ -438,3 +444,70 @@ async def test_memory_storage_forgets_expired_counts(up: Recorder) -> None:
             await send(port, post(LOGIN), "127.0.1.1")  # a hit starts the sweep
             await asyncio.sleep(0.2)
         assert not any(k for k in storage.storage if "127.0.0." in k), list(storage.storage)
+
+
+def _tls_client(ca: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca)
+
+
+async def test_connection_cap_on_a_tls_listener(up: Recorder, tls_files: dict[str, str]) -> None:
+    listener = (f'[listeners.tls]\ncert = "{tls_files["default_cert"]}"\n'
+                f'key = "{tls_files["default_key"]}"\n')
+    async with gate_with(up, "connections = 1", listener=listener) as gate:
+        port = port_of(gate)
+        ctx = _tls_client(tls_files["ca"])
+        a = await Conn.open(port, source="127.0.0.2", ssl=ctx, server_hostname="localhost")
+        b = await Conn.open(port, source="127.0.0.2", ssl=ctx, server_hostname="localhost")
+        try:
+            assert (await a.request(get("/_matrix/client/v3/sync"))).status == 200
+            assert_limited(await b.request(get("/_matrix/client/v3/sync")))
+            assert (await a.request(get("/_matrix/client/v3/sync"))).status == 200
+        finally:
+            await a.close()
+            await b.close()
+
+
+@pytest.mark.timeout(60)
+def test_limits_in_the_real_process(tmp_path: pathlib.Path, tls_files: dict[str, str]) -> None:
+    """uvloop, as operators run it: a TLS listener with a connection cap and the
+    login limit."""
+    port = free_port()
+    with threaded_upstream() as upstream:
+        config = f"""
+[upstream]
+url = "{upstream.url}"
+[log]
+access = "off"
+[rate_limits]
+login = "2/minute"
+connections = 1
+[[listeners]]
+name = "tls"
+bind = "127.0.0.1:{port}"
+[listeners.tls]
+cert = "{tls_files['default_cert']}"
+key = "{tls_files['default_key']}"
+"""
+        ctx = _tls_client(tls_files["ca"])
+
+        def request(data: bytes, source: str, *, hold: bool = False) -> tuple[bytes, Any]:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                           source_address=(source, 0))
+            sock = ctx.wrap_socket(raw, server_hostname="localhost")
+            sock.sendall(data)
+            answer = sock.recv(65536)
+            if not hold:
+                sock.close()
+                return answer, None
+            return answer, sock
+
+        with run_gate(config, tmp_path):
+            statuses = [request(post(LOGIN), "127.0.0.2")[0][:12] for _ in range(3)]
+            assert statuses == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 429"]
+            first, held = request(get("/_matrix/client/v3/sync"), "127.0.0.3", hold=True)
+            try:
+                assert first.startswith(b"HTTP/1.1 200")
+                second, _ = request(get("/_matrix/client/v3/sync"), "127.0.0.3")
+                assert second.startswith(b"HTTP/1.1 429")
+            finally:
+                held.close()
