@@ -1,4 +1,4 @@
-"""The client address: who a request is from (SPEC section 9).
+"""The client address: who a request is from.
 
 This module owns the one rule for it. The address is:
 
@@ -16,7 +16,7 @@ This module owns the one rule for it. The address is:
 
 That address is what the access log shows, what ``admin.allow_from`` and
 ``[rate_limits]`` look at. (``X-Forwarded-For`` sent upstream is the chain
-of SPEC section 3: the trusted chain kept, the connection address appended,
+of the forwarding rules: the trusted chain kept, the connection address appended,
 so its rightmost untrusted entry is this same address.)
 
 Pure: no sockets; tested with tables in ``tests/test_clients.py``.

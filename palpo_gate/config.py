@@ -106,7 +106,7 @@ class Listener:
     prefixes: tuple[str, ...]
     hosts: frozenset[str] | None = None  # lower-case names without port; None = any
     tls: Tls | None = None
-    #: every connection starts with a PROXY protocol header (SPEC section 9)
+    #: every connection starts with a PROXY protocol header (prelude.py)
     proxy_protocol: bool = False
 
 
@@ -167,7 +167,7 @@ class Server:
     drain_timeout: float = 10.0
 
 
-# -- [rate_limits] and the client address (SPEC section 9) -------------------
+# -- [rate_limits] and the client address ------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,7 +723,7 @@ def _read_metrics(r: _Reader, raw: object) -> Metrics | None:
     return Metrics(bind=bind)
 
 
-# -- [rate_limits] and listeners' proxy_protocol (SPEC section 9) ------------
+# -- [rate_limits] and listeners' proxy_protocol -----------------------------
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
 

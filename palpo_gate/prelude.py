@@ -1,4 +1,4 @@
-"""What happens on a client connection before HTTP (SPEC section 9).
+"""What happens on a client connection before HTTP.
 
 This module owns the connection's first moments, when a listener asks for
 them: reading the PROXY protocol header (``proxy_protocol = true``), the TLS

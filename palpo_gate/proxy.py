@@ -256,7 +256,7 @@ class ListenerHandler:
         """Forward one request; the one funnel from failures to responses.
 
         *client* is the client address (logs, limits); *peer* the connection
-        address that ``X-Forwarded-For`` appends (SPEC section 3)."""
+        address that ``X-Forwarded-For`` appends."""
         gen = self.gen
         metrics = gen.metrics
         started = time.monotonic() if gen.access.enabled or metrics is not None else 0.0

@@ -1,4 +1,4 @@
-"""Per-client limits: ``[rate_limits]`` (SPEC section 9).
+"""Per-client limits: ``[rate_limits]``.
 
 This module owns which requests are limited, how they are counted, where
 the counts live and what a refusal looks like. The client address comes from

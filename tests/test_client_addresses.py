@@ -1,4 +1,4 @@
-"""The client address over real sockets (SPEC section 9): X-Forwarded-For from
+"""The client address over real sockets: X-Forwarded-For from
 trusted proxies, and the PROXY protocol (versions 1 and 2) on listeners with
 ``proxy_protocol = true``, plain and TLS.
 
@@ -118,7 +118,7 @@ async def test_trusted_proxy_chain_rightmost_untrusted_address(
         assert await via_proxy("203.0.113.6") == 200
         # The proxy itself is not limited by its clients.
         assert (await send(port, post(LOGIN), "127.0.0.10")).status == 200
-        # Upstream: the chain kept, the peer appended (SPEC section 3).
+        # Upstream: the chain kept, the peer appended.
         assert xff(up) == [b"203.0.113.5, 10.1.1.1, 127.0.0.10",
                            b"6.6.6.6, 203.0.113.5, 10.1.1.1, 127.0.0.10",
                            b"203.0.113.6, 127.0.0.10", b"127.0.0.10"]

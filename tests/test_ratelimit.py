@@ -1,4 +1,4 @@
-"""Per-client limits, ``[rate_limits]`` (SPEC section 9).
+"""Per-client limits, ``[rate_limits]``.
 
 The rule (which request counts against which limit) and the config are
 tested with tables; the limits themselves over real sockets: a gate in the

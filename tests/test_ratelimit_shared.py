@@ -1,4 +1,4 @@
-"""Budgets shared beyond one process (SPEC section 9): several gates on one
+"""Budgets shared beyond one process: several gates on one
 Redis, a Redis that goes away (fail open, counted), and ``server.workers = 2``
 (one budget for all workers, not one each).
 
