@@ -43,7 +43,9 @@ from .ratelimit import RateLimits, refusal
 
 log = logging.getLogger("palpo_gate")
 
-_READ_SIZE = 65536
+#: One read of a connection in its prelude: a version 2 header at its cap fits,
+#: and thousands of slow connections do not each hold a large buffer.
+_READ_SIZE = proxyproto.V2_MAX_LENGTH
 #: Bytes kept while a connection waits for its slot before reading pauses.
 _MAX_PENDING = 65536
 
