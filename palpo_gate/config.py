@@ -106,6 +106,8 @@ class Listener:
     prefixes: tuple[str, ...]
     hosts: frozenset[str] | None = None  # lower-case names without port; None = any
     tls: Tls | None = None
+    #: every connection starts with a PROXY protocol header (prelude.py)
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,35 @@ class Server:
     drain_timeout: float = 10.0
 
 
+# -- [rate_limits] and the client address ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``N/second|minute|hour|day``: *amount* requests per one *unit*."""
+
+    amount: int
+    unit: Literal["second", "minute", "hour", "day"]
+
+    def __str__(self) -> str:
+        return f"{self.amount}/{self.unit}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Per client address; None (``"0"``) turns one off."""
+
+    login: Rate | None = Rate(10, "minute")
+    register: Rate | None = Rate(5, "minute")
+    password: Rate | None = Rate(5, "minute")
+    requests: Rate | None = None
+    connections: int = 0  # concurrent; 0: no cap
+    storage: str = "memory://"
+
+
+# --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: Server
@@ -188,6 +219,7 @@ class Config:
     log: Log
     metrics: Metrics | None
     source: str = "<built-in default>"
+    rate_limits: RateLimits = RateLimits()
 
 
 # --------------------------------------------------------------------------
@@ -606,7 +638,8 @@ def _read_listeners(r: _Reader, raw: object) -> tuple[Listener, ...]:
     binds: set[Bind] = set()
     for i, item in enumerate(raw):
         p = f"listeners[{i}]"
-        t = r.table(item, p, ("name", "bind", "role", "prefixes", "hosts", "tls"))
+        t = r.table(item, p, ("name", "bind", "role", "prefixes", "hosts", "tls",
+                              "proxy_protocol"))
         if t is None:
             continue
         name = r.get(t, p, "name", _str, f"listener{i}")
@@ -626,6 +659,7 @@ def _read_listeners(r: _Reader, raw: object) -> tuple[Listener, ...]:
         out.append(Listener(
             name=name, bind=bind, role=role, prefixes=prefixes,  # type: ignore[arg-type]
             hosts=frozenset(hosts_raw) if "hosts" in t else None, tls=tls,
+            proxy_protocol=r.get(t, p, "proxy_protocol", _bool, False),
         ))
     return tuple(out)
 
@@ -750,8 +784,83 @@ def _check_metrics_bind(r: _Reader, bind: Bind | None, raw_listeners: object) ->
             r.error("metrics.bind", f"{bind} is also listeners[{i}].bind")
 
 
+# -- [rate_limits] and listeners' proxy_protocol -----------------------------
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+
+
+def parse_rate(value: object) -> Rate | None:
+    """``"N/second|minute|hour|day"``; ``"0"`` (or 0) turns the limit off."""
+    if value == "0" or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    m = _RATE_RE.match(value) if isinstance(value, str) else None
+    if m is None or int(m.group(1)) == 0:
+        raise _Bad(f"expected \"N/second\", \"N/minute\", \"N/hour\" or \"N/day\" "
+                   f"(N from 1), or \"0\" for no limit; got {value!r}")
+    return Rate(int(m.group(1)), m.group(2))  # type: ignore[arg-type]
+
+
+def parse_rate_storage(value: object) -> str:
+    """``memory://`` or a Redis URL: ``redis://[:password@]host[:port][/db]``,
+    ``rediss://...`` (TLS) or ``redis+unix:///path/redis.sock[?db=N]``."""
+    if value == "memory://":
+        return value
+    if not isinstance(value, str):
+        raise _Bad("expected \"memory://\" or a Redis URL such as \"redis://127.0.0.1:6379/0\"")
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as exc:
+        raise _Bad(f"{value!r}: {exc}") from None
+    if url.scheme in ("redis", "rediss"):
+        if not url.hostname:
+            raise _Bad(f"{value!r}: missing host")
+        if url.path not in ("", "/") and not url.path[1:].isdigit():
+            raise _Bad(f"{value!r}: the path is the database number, e.g. \"/0\"")
+        return value
+    if url.scheme == "redis+unix":
+        if not url.path.startswith("/"):
+            raise _Bad(f"{value!r}: expected redis+unix:///absolute/path.sock")
+        return value
+    raise _Bad(f"{value!r}: expected \"memory://\", redis://, rediss:// or redis+unix://")
+
+
+def _read_rate_limits(r: _Reader, raw: object) -> RateLimits:
+    p = "rate_limits"
+    t = r.table(raw, p, ("login", "register", "password", "requests", "connections",
+                         "storage"))
+    if t is None:
+        return RateLimits()
+    d = RateLimits()
+    return RateLimits(
+        login=r.get(t, p, "login", parse_rate, d.login),
+        register=r.get(t, p, "register", parse_rate, d.register),
+        password=r.get(t, p, "password", parse_rate, d.password),
+        requests=r.get(t, p, "requests", parse_rate, d.requests),
+        connections=r.get(t, p, "connections", _int_range(0, 1_000_000), d.connections),
+        storage=r.get(t, p, "storage", parse_rate_storage, d.storage),
+    )
+
+
+def _check_proxy_protocol(r: _Reader, cfg: Config) -> None:
+    """The header is taken only from trusted balancers; without any, every
+    connection would be closed."""
+    for i, lst in enumerate(cfg.listeners):
+        if not lst.proxy_protocol or lst.bind is None:
+            continue
+        if lst.bind.kind == "unix":
+            r.error(f"listeners[{i}].proxy_protocol",
+                    "a UNIX socket peer has no address to trust; use a TCP bind")
+        elif not cfg.forwarding.trusted_proxies:
+            r.error(f"listeners[{i}].proxy_protocol",
+                    "the header is accepted only from forwarding.trusted_proxies, which is "
+                    "empty: list the balancers' addresses there")
+
+
 _SECTIONS = ("server", "upstream", "listeners", "well_known", "admin", "limits",
-             "forwarding", "log", "metrics")
+             "forwarding", "log", "metrics", "rate_limits")
 
 
 def from_dict(doc: dict[str, Any], source: str = "<dict>") -> Config:
@@ -771,9 +880,11 @@ def from_dict(doc: dict[str, Any], source: str = "<dict>") -> Config:
         log=_read_log(r, doc.get("log", {})),
         metrics=_read_metrics(r, doc["metrics"]) if "metrics" in doc else None,
         source=source,
+        rate_limits=_read_rate_limits(r, doc.get("rate_limits", {})),
     )
     if cfg.metrics is not None:
         _check_metrics_bind(r, cfg.metrics.bind, doc.get("listeners"))
+    _check_proxy_protocol(r, cfg)
     if r.errors:
         raise ConfigError(r.errors)
     return cfg
@@ -848,6 +959,8 @@ def dump(cfg: Config) -> str:
         out.append(f"prefixes = {_toml_value(list(lst.prefixes))}")
         if lst.hosts is not None:
             out.append(f"hosts = {_toml_value(lst.hosts)}")
+        if lst.proxy_protocol:
+            out.append("proxy_protocol = true")
         if lst.tls:
             out.append("[listeners.tls]")
             out.append(f"cert = {_toml_value(lst.tls.cert)}")
@@ -879,4 +992,8 @@ def dump(cfg: Config) -> str:
     section("log", [("level", cfg.log.level), ("access", cfg.log.access)])
     if cfg.metrics:
         section("metrics", [("bind", str(cfg.metrics.bind))])
+    rl = cfg.rate_limits
+    section("rate_limits", [*((k, str(v) if v else "0") for k, v in (
+        ("login", rl.login), ("register", rl.register), ("password", rl.password),
+        ("requests", rl.requests))), ("connections", rl.connections), ("storage", rl.storage)])
     return "\n".join(out) + "\n"

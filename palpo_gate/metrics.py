@@ -73,7 +73,8 @@ logger = logging.getLogger("palpo_gate.metrics")
 
 #: The ``route`` label: what the gate did with the request (SPEC section 2).
 ROUTES: tuple[str, ...] = (
-    "forward", "admin", "health", "well_known", "not_found", "bad_request", "other",
+    "forward", "admin", "health", "well_known", "not_found", "bad_request", "rate_limited",
+    "other",
 )
 
 #: The ``kind`` label of ``palpo_gate_upstream_errors_total``, one per upstream
@@ -189,6 +190,7 @@ class Registry:
         self._upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self._client_connections: dict[str, int] = dict.fromkeys(listeners, 0)
         self._gauges: dict[str, tuple[str, tuple[str, ...], Callable[[], GaugeValue]]] = {}
+        self._counters: set[str] = set()  # of the registered ones (register_counter)
         self.generation = 1
         self.reload_failures = 0
         self.start_time = time.time()
@@ -244,6 +246,13 @@ class Registry:
             if not _LABEL_RE.match(label) or label.startswith("__") or label == "le":
                 raise ValueError(f"label name {label!r} is invalid")
         self._gauges[name] = (help, labels, fn)
+
+    def register_counter(self, name: str, help: str, fn: Callable[[], GaugeValue],
+                         labels: tuple[str, ...] = ()) -> None:
+        """As :meth:`register_gauge`, for a total its owner keeps (it never
+        goes down; :func:`merge` keeps a dead worker's share)."""
+        self.register_gauge(name, help, fn, labels)
+        self._counters.add(name)
 
     def reload_succeeded(self, generation: int) -> None:
         self.generation = generation
@@ -306,7 +315,8 @@ class Registry:
             _builtin(_CLIENT_CONNECTIONS, [[[k], v] for k, v in list(connections.items())]),
         ]
         for name, (help, labels, fn) in list(self._gauges.items()):
-            families.append(_family(name, "gauge", help, labels, _gauge_samples(name, labels, fn)))
+            typ = "counter" if name in self._counters else "gauge"
+            families.append(_family(name, typ, help, labels, _gauge_samples(name, labels, fn)))
         drops = dict.fromkeys(LOG_STREAMS, 0)
         if self._log_drops is not None:
             drops.update(self._log_drops())

@@ -24,8 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
+from . import clients, spool, wellknown
 from . import headers as hdr
-from . import spool, wellknown
 from .accesslog import AccessLog
 from .config import UNIX_PEER, Config, Listener
 from .errors import (
@@ -39,6 +39,7 @@ from .errors import (
     error_body,
 )
 from .metrics import UPSTREAM_ERROR_KIND, Registry
+from .ratelimit import Policy
 from .response import ProxiedResponse
 from .routing import ALLOW, Action, Router, media_upload
 from .upstream import Connection, Pool
@@ -71,13 +72,16 @@ class Generation:
         self.allow_admin = cfg.admin.allow_from
         trusted = cfg.forwarding.trusted_proxies
         self.trusted = tuple(n for n in trusted if not isinstance(n, str))
-        #: peers on UNIX-socket listeners are trusted proxies ("unix:" listed)
-        self.trust_unix = UNIX_PEER in trusted
         self.rid_name = cfg.forwarding.request_id_header.encode()
         self.rid_lower = self.rid_name.lower()
         self.buffer_uploads = cfg.forwarding.buffer_chunked_uploads
         self.limits = cfg.limits
         self.read_timeout = cfg.upstream.read_timeout
+        # -- client addresses and limits (clients.py, ratelimit.py)
+        #: peers on UNIX-socket listeners are trusted proxies when "unix:" is listed
+        self.trusted_set = clients.Trusted(self.trusted, unix=UNIX_PEER in trusted)
+        #: [rate_limits] of this config; set by the Gate, whose storage outlives generations
+        self.rate: Policy | None = None
 
 
 def _in(addr: str, networks: tuple[Any, ...]) -> bool:
@@ -142,6 +146,12 @@ class ListenerHandler:
         client = getattr(protocol, "client_addr", None)
         if client is None:
             client = _client_addr(request)
+        # The connection address (TCP peer or PROXY header) is what X-Forwarded-For
+        # appends; behind trusted proxies the client is further left (clients.py).
+        peer = client
+        if gen.trusted_set and peer in gen.trusted_set:
+            client = clients.forwarded_client(peer, clients.xff_values(request.raw_headers),
+                                              gen.trusted_set)
         rid = hdr.header_value(request.raw_headers, gen.rid_lower)
         if not hdr.sane_request_id(rid):
             rid = hdr.new_request_id()
@@ -152,8 +162,15 @@ class ListenerHandler:
         elif action is Action.FORWARD or (
                 action is Action.ADMIN and _in(client, gen.allow_admin)):
             if method != "OPTIONS" or not decision.matrix:
+                rate = gen.rate
+                if rate is not None and (rate.every or (method == "POST" and rate.posts)):
+                    rules = rate.rules(method, decision.path)  # [rate_limits] (ratelimit.py)
+                    if rules:
+                        return self._forward_limited(rate, rules, request, method, target,
+                                                     decision.matrix, client, rid,
+                                                     _ROUTE[action], peer)
                 return self._forward(request, method, target, decision.matrix, client, rid,
-                                     _ROUTE[action])
+                                     _ROUTE[action], peer)
             # A CORS preflight: browsers reject any non-2xx answer to it, so
             # forwarding it would turn an upstream outage into a CORS failure
             # instead of a readable 502. The Matrix client-server spec ("Web
@@ -223,10 +240,34 @@ class ListenerHandler:
 
     # -- forwarding -------------------------------------------------------------------
 
+    async def _forward_limited(self, rate: Policy, rules: Any, request: web.BaseRequest,
+                               method: str, target: str, matrix: bool, client: str, rid: bytes,
+                               route: str, peer: str) -> web.StreamResponse:
+        """[rate_limits]: a 429 of the gate's own when *client* is over a limit
+        (ratelimit.py), else forward."""
+        resp = await rate.check(rules, client)
+        if resp is None:
+            return await self._forward(request, method, target, matrix, client, rid, route,
+                                       peer)
+        gen = self.gen
+        resp.headers[gen.rid_name.decode()] = rid.decode()
+        if self.retired:
+            resp.force_close()
+        rec = _Record()
+        rec.error = "rate_limited"
+        if gen.access.enabled:
+            gen.access.write(request, self.name, client, rec, time.monotonic(), rid, resp)
+        if gen.metrics is not None:
+            gen.metrics.observe(self.name, "rate_limited", 429, 0.0, 0, 0)
+        return resp
+
     async def _forward(self, request: web.BaseRequest, method: str, target: str,
-                       matrix: bool, client: str, rid: bytes, route: str
+                       matrix: bool, client: str, rid: bytes, route: str, peer: str
                        ) -> web.StreamResponse:
-        """Forward one request; the one funnel from failures to responses."""
+        """Forward one request; the one funnel from failures to responses.
+
+        *client* is the client address (logs, limits); *peer* the connection
+        address that ``X-Forwarded-For`` appends."""
         gen = self.gen
         metrics = gen.metrics
         started = time.monotonic() if gen.access.enabled or metrics is not None else 0.0
@@ -237,7 +278,7 @@ class ListenerHandler:
         spooled: spool.SpooledBody | None = None
         try:
             head, has_body, chunked, buffer = self._request_head(request, method, target,
-                                                                client, rid)
+                                                                peer, rid)
             limits = gen.limits
             if buffer:
                 # forwarding.buffer_chunked_uploads: the whole body first, then
@@ -346,7 +387,7 @@ class ListenerHandler:
                                 time.monotonic() - started, rec.bytes_in, rec.bytes_out)
         return resp
 
-    def _request_head(self, request: web.BaseRequest, method: str, target: str, client: str,
+    def _request_head(self, request: web.BaseRequest, method: str, target: str, peer: str,
                       rid: bytes) -> tuple[bytes, bool, bool, bool]:
         """The head to send upstream, whether a body follows, whether it is
         chunked, and whether it is a chunked upload to collect first (the head
@@ -389,8 +430,8 @@ class ListenerHandler:
                 request.transport.write(_CONTINUE)  # type: ignore[union-attr]
         head = hdr.build_request_head(
             method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
-            client_addr=client, proto=self.proto,
-            peer_trusted=gen.trust_unix if client == UNIX_PEER else _in(client, gen.trusted),
+            client_addr=peer, peer_trusted=bool(gen.trusted_set) and peer in gen.trusted_set,
+            proto=self.proto,
             host=hdr.host_with_port(host, self.port, self.fallback_host),
             request_id_name=gen.rid_name, request_id=rid, framing=framing)
         return head, has_body, chunked and not buffer, buffer

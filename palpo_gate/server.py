@@ -32,7 +32,8 @@ from aiohttp.http_writer import HttpVersion10, HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD
 
 from . import metrics as metricsmod
-from . import systemd
+from . import prelude as preludemod
+from . import ratelimit, systemd
 from . import tls as tlsmod
 from .accesslog import RefusedRequest, escape, redact_target
 from .config import Bind, Config, ConfigError, Listener
@@ -417,10 +418,15 @@ class GateServer(web.Server):
         #: list drops a connection only once its task has ended, after
         #: connection_lost: on_empty is decided on this set instead.
         self._live: set[web_protocol.RequestHandler] = set()
+        #: PROXY header, TLS after it, per-client connection cap (prelude.py)
+        self.prelude: preludemod.Prelude | None = None
 
-    def __call__(self) -> web_protocol.RequestHandler:
-        return _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
-                                    **self._kwargs)
+    def __call__(self) -> Any:
+        proto = _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
+                                     **self._kwargs)
+        if self.prelude is not None:
+            return self.prelude(proto)
+        return proto
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
                       task: Any) -> web.BaseRequest:
@@ -438,6 +444,8 @@ class GateServer(web.Server):
         super().connection_lost(handler, exc)
         if self._metrics is not None:
             self._metrics.client_connection(self.handler.name, -1)
+        if self.prelude is not None:
+            self.prelude.connection_lost(handler)
         # The handler task (cancelled by aiohttp right after this) may still
         # be unwinding a request that uses this generation's pool: the
         # connection counts until the task has ended.
@@ -580,10 +588,13 @@ def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
 # -- the running gate ----------------------------------------------------------------
 
 
-def _slot_key(lst: Listener) -> tuple[str, bool]:
+def _slot_key(lst: Listener) -> tuple[str, bool, bool]:
     """Listeners with equal keys share a listening socket and its server across
-    a reload; a key that differs only in TLS keeps the socket, not the server."""
-    return str(lst.bind), lst.tls is not None
+    a reload; a key that differs only in TLS or the PROXY protocol keeps the
+    socket, not the server. (With the PROXY protocol, TLS starts after the
+    header, in prelude.py: the asyncio server of such a TLS listener is a
+    plain one.)"""
+    return str(lst.bind), lst.tls is not None, lst.tls is not None and lst.proxy_protocol
 
 
 class _Slot:
@@ -591,7 +602,7 @@ class _Slot:
     generations while its key is unchanged: a reload swaps what new
     connections get, not the socket (no refused connections)."""
 
-    def __init__(self, key: tuple[str, bool], sock: socket.socket, owned: bool) -> None:
+    def __init__(self, key: tuple[str, bool, bool], sock: socket.socket, owned: bool) -> None:
         self.key = key
         self.sock = sock
         #: bound here (not passed by systemd or the supervisor): ours to unlink
@@ -627,6 +638,9 @@ class Gate:
         self.generation = 1
         self.metrics = metrics
         self.gen = Generation(cfg, self.loop, metrics)
+        #: [rate_limits]: storage and counters outlive generations (ratelimit.py)
+        self.rate_limits = ratelimit.RateLimits(metrics)
+        self.gen.rate = self.rate_limits.policy(cfg)
         self._passed = passed if passed is not None else systemd_sockets()
         self._reuse_port = reuse_port
         self._slots: dict[str, _Slot] = {}  # by listener name
@@ -667,7 +681,7 @@ class Gate:
             log.info("listener %s on %s (%s%s)", name, _where(slot.sock, slot.listener),
                      slot.listener.role, ", TLS" if slot.listener.tls else "")
 
-    def _open_slots(self, cfg: Config, reusable: dict[tuple[str, bool], _Slot]
+    def _open_slots(self, cfg: Config, reusable: dict[tuple[str, bool, bool], _Slot]
                     ) -> dict[str, _Slot]:
         """A slot per listener of *cfg*: reused when its key is unchanged, else
         newly bound. Raises ConfigError (closing what it bound) if a bind fails."""
@@ -679,7 +693,11 @@ class Gate:
                 # TLS added or removed on the same bind: the socket is ours
                 # already (binding it again would fail); _commit gives it a
                 # new server.
-                slot = reusable.pop(key, None) or reusable.pop((key[0], not key[1]), None)
+                slot = reusable.pop(key, None)
+                if slot is None:
+                    same_bind = next((k for k in reusable if k[0] == key[0]), None)
+                    if same_bind is not None:
+                        slot = reusable.pop(same_bind)
                 if slot is None:
                     try:
                         sock = bind_socket(lst.bind, self._passed, reuse_port=self._reuse_port)
@@ -726,10 +744,13 @@ class Gate:
             if slot.server is None:
                 if slot.certs is not None:
                     slot.context = tlsmod.listening_context(slot.current_certs)
+                context = None if slot.key[2] else slot.context  # prelude.py: TLS after PROXY
                 slot.server = await self.loop.create_server(
-                    slot.new_connection, sock=slot.sock, ssl=slot.context,
+                    slot.new_connection, sock=slot.sock, ssl=context,
                     backlog=LISTEN_BACKLOG,
-                    ssl_handshake_timeout=cfg.limits.header_timeout if slot.context else None)
+                    ssl_handshake_timeout=cfg.limits.header_timeout if context else None)
+            slot.gate_server.prelude = preludemod.for_listener(
+                lst, cfg, gen, slot.context, self.rate_limits)
         self._slots = slots
 
     async def reload(self, cfg: Config) -> None:
@@ -750,6 +771,7 @@ class Gate:
             old_gen = self.gen
             old_servers = {s.gate_server for s in old_slots.values() if s.gate_server}
             new_gen = Generation(cfg, self.loop, self.metrics)
+            new_gen.rate = self.rate_limits.policy(cfg)
             await self._commit(cfg, new_gen, certs, slots)
             self.cfg, self.gen, self._certs = cfg, new_gen, certs
             self.generation += 1
@@ -775,6 +797,9 @@ class Gate:
         gate_servers += list(self._retired)
         for srv in servers:
             srv.close()
+        for gs in gate_servers:
+            if gs.prelude is not None:
+                gs.prelude.close()
         busy: list[asyncio.Task[None]] = []
         for gs in gate_servers:
             for conn in gs.connections:
@@ -812,6 +837,7 @@ class Gate:
         self._draining_gens.clear()
         self._retired.clear()
         self._slots.clear()
+        await self.rate_limits.close()
 
     @staticmethod
     def _unlink(slot: _Slot) -> None:

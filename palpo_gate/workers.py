@@ -13,7 +13,10 @@ request itself. It:
   RELOADING / READY / STOPPING / WATCHDOG for the whole service;
 - forwards SIGHUP (after checking the new config itself, so that a bad one
   is reported once) and SIGTERM / SIGINT;
-- serves the metrics endpoint, summing the snapshots the workers write.
+- serves the metrics endpoint, summing the snapshots the workers write;
+- keeps the ``[rate_limits]`` counts of ``memory://`` and the connection
+  slots for all workers (:class:`ratelimit.SharedStore`, one socket pair
+  per worker), so that several workers do not multiply a client's budget.
 
 Each worker runs :class:`run.Process` and reports on a pipe: ``R`` ready,
 ``H`` reloaded, ``F`` reload failed.
@@ -34,7 +37,7 @@ from collections.abc import Callable
 
 from . import config as configmod
 from . import metrics as metricsmod
-from . import systemd
+from . import ratelimit, systemd
 from .run import start_watchdog
 from .server import bind_socket, cert_sets, serve_metrics, systemd_sockets
 
@@ -93,6 +96,7 @@ class Supervisor:
         self._metrics_server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._store: ratelimit.SharedStore | None = None
 
     # -- sockets handed to every worker
 
@@ -122,6 +126,9 @@ class Supervisor:
         env[ENV_REPORT_FD] = str(write_fd)
         if self._metrics_dir:
             env[ENV_METRICS_DIR] = self._metrics_dir
+        store = await self._store.channel() if self._store is not None else None
+        if store is not None:
+            env[ratelimit.ENV_STORE_FD] = str(store.fileno())
         args = [sys.executable, "-m", "palpo_gate"]
         if self.path is not None:
             args += ["--config", self.path]
@@ -129,10 +136,13 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         try:
             worker.proc = await asyncio.create_subprocess_exec(
-                *args, env=env, pass_fds=(write_fd, *(s.fileno() for s in self._handed.values())),
+                *args, env=env, pass_fds=(write_fd, *(s.fileno() for s in self._handed.values()),
+                                          *((store.fileno(),) if store is not None else ())),
                 stdin=asyncio.subprocess.DEVNULL)
         finally:
             os.close(write_fd)
+            if store is not None:
+                store.close()
         await loop.connect_read_pipe(lambda: _ReportProtocol(worker),
                                      os.fdopen(read_fd, "rb", buffering=0))
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
@@ -178,6 +188,7 @@ class Supervisor:
         try:
             if self.cfg.metrics is not None:
                 await self._start_metrics()
+            self._store = ratelimit.SharedStore()
             self._workers = [_Worker(i) for i in range(self.cfg.server.workers)]
             for w in self._workers:
                 await self._spawn(w)
@@ -219,6 +230,8 @@ class Supervisor:
                         os.unlink(lst.bind.path)
             if self._metrics_server is not None:
                 self._metrics_server.close()
+            if self._store is not None:
+                self._store.close()
             if self._metrics_dir:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
 

@@ -65,12 +65,15 @@ class Conn:
 
     @classmethod
     async def open(cls, port: int, host: str = "127.0.0.1", *, ssl: sslmod.SSLContext | None = None,
-                   server_hostname: str | None = None, unix: str | None = None) -> Conn:
+                   server_hostname: str | None = None, unix: str | None = None,
+                   source: str | None = None) -> Conn:
+        """*source*: the local address to connect from (127.0.0.2 is another client)."""
         if unix:
             r, w = await asyncio.open_unix_connection(unix)
         else:
             r, w = await asyncio.open_connection(host, port, ssl=ssl,
-                                                 server_hostname=server_hostname if ssl else None)
+                                                 server_hostname=server_hostname if ssl else None,
+                                                 local_addr=(source, 0) if source else None)
         return cls(r, w)
 
     async def send(self, data: bytes) -> None:
