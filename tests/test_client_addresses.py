@@ -87,7 +87,7 @@ def xff(up: Recorder) -> list[bytes | None]:
 
 
 async def test_spoofed_forwarded_for_from_an_untrusted_peer_buys_nothing(
-        up: Recorder, capsys: pytest.CaptureFixture[str]) -> None:
+        up: Recorder, capfd: pytest.CaptureFixture[str]) -> None:
     async with gate_with(up, trusted='"127.0.0.10/32"', access="plain") as gate:
         port = port_of(gate)
         for i in range(4):
@@ -96,12 +96,12 @@ async def test_spoofed_forwarded_for_from_an_untrusted_peer_buys_nothing(
             assert resp.status == (200 if i < 2 else 429), (i, resp)
         # The upstream got the peer, never the made-up addresses.
         assert xff(up) == [b"127.0.0.2", b"127.0.0.2"]
-    lines = capsys.readouterr().out.splitlines()
+    lines = capfd.readouterr().out.splitlines()
     assert len(lines) == 4 and all(line.startswith("127.0.0.2 ") for line in lines), lines
 
 
 async def test_trusted_proxy_chain_rightmost_untrusted_address(
-        up: Recorder, capsys: pytest.CaptureFixture[str]) -> None:
+        up: Recorder, capfd: pytest.CaptureFixture[str]) -> None:
     async with gate_with(up, trusted='"127.0.0.10/32", "10.0.0.0/8"', access="plain") as gate:
         port = port_of(gate)
 
@@ -122,7 +122,7 @@ async def test_trusted_proxy_chain_rightmost_untrusted_address(
         assert xff(up) == [b"203.0.113.5, 10.1.1.1, 127.0.0.10",
                            b"6.6.6.6, 203.0.113.5, 10.1.1.1, 127.0.0.10",
                            b"203.0.113.6, 127.0.0.10", b"127.0.0.10"]
-    clients = [line.split(" ", 1)[0] for line in capsys.readouterr().out.splitlines()]
+    clients = [line.split(" ", 1)[0] for line in capfd.readouterr().out.splitlines()]
     assert clients == ["203.0.113.5", "203.0.113.5", "203.0.113.5", "203.0.113.6", "127.0.0.10"]
 
 
@@ -153,7 +153,7 @@ HEADERS = {
 
 @pytest.mark.parametrize("kind", HEADERS)
 async def test_proxy_header_gives_the_client_address(up: Recorder, kind: str,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
     make, pattern = HEADERS[kind]
     a, b = pattern.format(5), pattern.format(6)
     async with gate_with(up, trusted=BALANCER, listener=PP, access="plain") as gate:
@@ -171,7 +171,7 @@ async def test_proxy_header_gives_the_client_address(up: Recorder, kind: str,
         finally:
             await conn.close()
         assert xff(up) == [a.encode(), a.encode(), b.encode(), b.encode(), b.encode()]
-    clients = [line.split(" ", 1)[0] for line in capsys.readouterr().out.splitlines()]
+    clients = [line.split(" ", 1)[0] for line in capfd.readouterr().out.splitlines()]
     assert clients == [a, a, a, b, b, b, b]
 
 

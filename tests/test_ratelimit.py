@@ -295,7 +295,7 @@ async def test_keep_alive_connection_is_counted_per_request(up: Recorder) -> Non
 
 
 async def test_refusal_is_counted_logged_and_in_the_access_log(
-        up: Recorder, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+        up: Recorder, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
     registry = Registry(["main"])
     caplog.set_level(logging.WARNING, "palpo_gate")
     async with gate_with(up, 'login = "1/minute"\nregister = "1/minute"', metrics=registry,
@@ -317,7 +317,7 @@ async def test_refusal_is_counted_logged_and_in_the_access_log(
     assert len(refused) == 2, refused
     assert "login" in refused[0] and "127.0.0.2" in refused[0]
     assert "register" in refused[1] and "127.0.0.4" in refused[1]
-    lines = [line for line in capsys.readouterr().out.splitlines() if " 429 " in line]
+    lines = [line for line in capfd.readouterr().out.splitlines() if " 429 " in line]
     assert len(lines) == 3
     assert lines[0].startswith("127.0.0.2 ") and "error=rate_limited" in lines[0]
 
