@@ -109,6 +109,8 @@ SNAPSHOT_VERSION = 1
 GAUGE_MERGE: dict[str, Callable[[float, float], float]] = {
     "palpo_gate_config_generation": max,
     "palpo_gate_start_time_seconds": min,
+    # the certificate that expires first, of those the workers serve
+    "palpo_gate_certificate_expiry_timestamp_seconds": min,
 }
 
 #: What a registered gauge callable returns: one value, or one value per
@@ -189,6 +191,7 @@ class Registry:
         self._upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self._client_connections: dict[str, int] = dict.fromkeys(listeners, 0)
         self._gauges: dict[str, tuple[str, tuple[str, ...], Callable[[], GaugeValue]]] = {}
+        self._counters: dict[str, tuple[str, tuple[str, ...], Callable[[], GaugeValue]]] = {}
         self.generation = 1
         self.reload_failures = 0
         self.start_time = time.time()
@@ -244,6 +247,13 @@ class Registry:
             if not _LABEL_RE.match(label) or label.startswith("__") or label == "le":
                 raise ValueError(f"label name {label!r} is invalid")
         self._gauges[name] = (help, labels, fn)
+
+    def register_counter(self, name: str, help: str, fn: Callable[[], GaugeValue],
+                         labels: tuple[str, ...] = ()) -> None:
+        """A counter kept elsewhere (the ACME manager's failures), read from
+        *fn* at scrape time like a registered gauge; summed across workers."""
+        self.register_gauge(name, help, fn, labels)
+        self._counters[name] = self._gauges.pop(name)
 
     def reload_succeeded(self, generation: int) -> None:
         self.generation = generation
@@ -307,6 +317,9 @@ class Registry:
         ]
         for name, (help, labels, fn) in list(self._gauges.items()):
             families.append(_family(name, "gauge", help, labels, _gauge_samples(name, labels, fn)))
+        for name, (help, labels, fn) in list(self._counters.items()):
+            families.append(_family(name, "counter", help, labels,
+                                    _gauge_samples(name, labels, fn)))
         drops = dict.fromkeys(LOG_STREAMS, 0)
         if self._log_drops is not None:
             drops.update(self._log_drops())

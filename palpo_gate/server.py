@@ -25,7 +25,7 @@ import ssl
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
@@ -35,6 +35,7 @@ from . import metrics as metricsmod
 from . import systemd
 from . import tls as tlsmod
 from .accesslog import RefusedRequest, escape, redact_target
+from .acme.front import FrontServer, fronted  # light: no ACME client library
 from .config import Bind, Config, ConfigError, Listener
 from .errors import error_body
 from .headers import new_request_id
@@ -42,6 +43,9 @@ from .metrics import Registry
 from .proxy import Generation, ListenerHandler
 from .routing import _is_matrix
 from .wellknown import CORS_HEADERS
+
+if TYPE_CHECKING:
+    from .acme.service import AcmeService
 
 log = logging.getLogger("palpo_gate")
 
@@ -557,16 +561,21 @@ async def serve_metrics(bind: Bind, render: Callable[[], bytes],
     return await asyncio.get_running_loop().create_server(server, sock=sock)
 
 
-def cert_sets(cfg: Config) -> dict[str, tlsmod.CertSet]:
-    """Every TLS listener's certificates, loaded; errors name the key path."""
+def cert_sets(cfg: Config, acme: AcmeService | None = None) -> dict[str, tlsmod.CertSet]:
+    """Every TLS listener's certificates, loaded; errors name the key path.
+    Without *acme* (``check``), a listener with only ``tls.acme`` is left out."""
     out: dict[str, tlsmod.CertSet] = {}
     errors: list[str] = []
     for i, lst in enumerate(cfg.listeners):
         if lst.tls is not None:
             try:
-                out[lst.name] = tlsmod.build(lst.tls, f"listeners[{i}].tls")
+                certs = tlsmod.build(lst.tls, f"listeners[{i}].tls",
+                                     acme.served if acme is not None else None)
             except ConfigError as exc:
                 errors.extend(exc.errors)
+            else:
+                if certs is not None:
+                    out[lst.name] = certs
     if errors:
         raise ConfigError(errors)
     return out
@@ -580,10 +589,11 @@ def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
 # -- the running gate ----------------------------------------------------------------
 
 
-def _slot_key(lst: Listener) -> tuple[str, bool]:
+def _slot_key(lst: Listener, cfg: Config) -> tuple[str, bool, bool]:
     """Listeners with equal keys share a listening socket and its server across
-    a reload; a key that differs only in TLS keeps the socket, not the server."""
-    return str(lst.bind), lst.tls is not None
+    a reload; a key that differs only in TLS (or in answering ACME TLS-ALPN-01,
+    which needs an accept loop of its own) keeps the socket, not the server."""
+    return str(lst.bind), lst.tls is not None, fronted(lst, cfg.acme)
 
 
 class _Slot:
@@ -591,7 +601,7 @@ class _Slot:
     generations while its key is unchanged: a reload swaps what new
     connections get, not the socket (no refused connections)."""
 
-    def __init__(self, key: tuple[str, bool], sock: socket.socket, owned: bool) -> None:
+    def __init__(self, key: tuple[str, bool, bool], sock: socket.socket, owned: bool) -> None:
         self.key = key
         self.sock = sock
         #: bound here (not passed by systemd or the supervisor): ours to unlink
@@ -600,7 +610,7 @@ class _Slot:
         self.gate_server: GateServer | None = None
         self.certs: tlsmod.CertSet | None = None
         self.context: ssl.SSLContext | None = None
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.AbstractServer | FrontServer | None = None
 
     def new_connection(self) -> web_protocol.RequestHandler:
         assert self.gate_server is not None
@@ -623,7 +633,9 @@ class Gate:
                  reuse_port: bool = False, metrics: Registry | None = None) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self._certs = cert_sets(cfg)
+        #: automatic certificates (SPEC section 8), when [acme] is set
+        self.acme = _acme_service(cfg)
+        self._certs = cert_sets(cfg, self.acme)
         self.generation = 1
         self.metrics = metrics
         self.gen = Generation(cfg, self.loop, metrics)
@@ -662,6 +674,8 @@ class Gate:
         except BaseException:
             await self.close(0)
             raise
+        if self.acme is not None:
+            self.acme.start()  # after the listeners: the CA's validation needs them
         for name, slot in self._slots.items():
             assert slot.listener is not None
             log.info("listener %s on %s (%s%s)", name, _where(slot.sock, slot.listener),
@@ -675,11 +689,12 @@ class Gate:
         fresh: list[_Slot] = []
         try:
             for i, lst in enumerate(cfg.listeners):
-                key = _slot_key(lst)
+                key = _slot_key(lst, cfg)
                 # TLS added or removed on the same bind: the socket is ours
                 # already (binding it again would fail); _commit gives it a
                 # new server.
-                slot = reusable.pop(key, None) or reusable.pop((key[0], not key[1]), None)
+                slot = reusable.pop(key, None) or next(
+                    (reusable.pop(k) for k in list(reusable) if k[0] == key[0]), None)
                 if slot is None:
                     try:
                         sock = bind_socket(lst.bind, self._passed, reuse_port=self._reuse_port)
@@ -701,7 +716,7 @@ class Gate:
         """Point every slot at *gen*; start servers for new sockets."""
         for lst in cfg.listeners:
             slot = slots[lst.name]
-            key = _slot_key(lst)
+            key = _slot_key(lst, cfg)
             if slot.server is not None and slot.key != key:
                 # TLS on or off: asyncio fixes it per server. The new server
                 # takes a duplicate of the socket, so it never stops listening
@@ -720,23 +735,31 @@ class Gate:
             slot.key = key
             handler = ListenerHandler(gen, lst)
             handler.bound(slot.sock.getsockname())
+            if cfg.acme is not None and self.acme is not None and lst.tls is None:
+                handler.acme = self.acme  # answers HTTP-01, never forwarded
             slot.listener = lst
             slot.gate_server = GateServer(handler, cfg)
             slot.certs = certs.get(lst.name)
             if slot.server is None:
                 if slot.certs is not None:
                     slot.context = tlsmod.listening_context(slot.current_certs)
-                slot.server = await self.loop.create_server(
-                    slot.new_connection, sock=slot.sock, ssl=slot.context,
-                    backlog=LISTEN_BACKLOG,
-                    ssl_handshake_timeout=cfg.limits.header_timeout if slot.context else None)
+                if key[2] and slot.context is not None and self.acme is not None:
+                    # ACME TLS-ALPN-01: the ClientHello is read before TLS starts.
+                    slot.server = FrontServer(slot.sock, slot.new_connection, slot.context,
+                                              self.acme.alpn_context, cfg.limits.header_timeout)
+                else:
+                    slot.server = await self.loop.create_server(
+                        slot.new_connection, sock=slot.sock, ssl=slot.context,
+                        backlog=LISTEN_BACKLOG,
+                        ssl_handshake_timeout=cfg.limits.header_timeout if slot.context else None)
         self._slots = slots
 
     async def reload(self, cfg: Config) -> None:
         """Serve *cfg* from now on. Raises ConfigError (and changes nothing) if
         its certificates or new listening sockets cannot be had."""
         async with self._lock:
-            certs = cert_sets(cfg)
+            acme = self.acme if self.acme is not None or cfg.acme is None else _acme_service(cfg)
+            certs = cert_sets(cfg, acme)
             old_slots = dict(self._slots)
             reusable = {s.key: s for s in old_slots.values()}
             slots = self._open_slots(cfg, reusable)
@@ -753,6 +776,12 @@ class Gate:
             await self._commit(cfg, new_gen, certs, slots)
             self.cfg, self.gen, self._certs = cfg, new_gen, certs
             self.generation += 1
+            if acme is not None:
+                if self.acme is None:
+                    self.acme = acme
+                    acme.start()
+                else:
+                    acme.reload(cfg.acme)
             self._draining_gens[old_gen] = set(old_servers)
             for gs in old_servers:
                 self._retired.add(gs)
@@ -810,6 +839,8 @@ class Gate:
         for gen in self._draining_gens:
             gen.pool.close()
         self._draining_gens.clear()
+        if self.acme is not None:
+            await self.acme.close()
         self._retired.clear()
         self._slots.clear()
 
@@ -820,6 +851,16 @@ class Gate:
                 and not lst.bind.path.startswith("@")):
             with contextlib.suppress(OSError):
                 os.unlink(lst.bind.path)
+
+
+def _acme_service(cfg: Config) -> AcmeService | None:
+    """The process's ACME service when [acme] is set (imported only then: the
+    ACME client library is not small)."""
+    if cfg.acme is None:
+        return None
+    from .acme.service import AcmeService
+
+    return AcmeService(cfg.acme)
 
 
 def _where(sock: socket.socket, lst: Listener) -> str:
