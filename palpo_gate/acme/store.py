@@ -59,7 +59,7 @@ class Store:
 
     def prepare(self) -> None:
         """Create the directories (0700). Raises OSError."""
-        _mkdir(self.root)
+        _mkdir(self.root, parents=True)
         _mkdir(self.ca)
 
     def read(self, path: str) -> bytes | None:
