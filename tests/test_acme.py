@@ -548,3 +548,79 @@ state_dir = "{tmp_path}/file/acme"
     assert proc.returncode == 0, proc.stderr
     assert "acme = true" in proc.stdout and 'domains = ["matrix.example.com"]' in proc.stdout
     assert not (tmp_path / "acme").exists()
+
+
+# -- the TLS-ALPN-01 front on asyncio's own loop --------------------------------------------
+
+async def _handshake_in_pieces(port: int, name: str, pause: float) -> x509.Certificate:
+    """A TLS handshake whose ClientHello arrives in two TCP segments, *pause*
+    apart (a ClientHello larger than one segment, or a slow client)."""
+    ctx = client_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.do_handshake()
+        hello = outgoing.read()
+        writer.write(hello[:7])
+        await writer.drain()
+        await asyncio.sleep(pause)
+        writer.write(hello[7:])
+        await writer.drain()
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "closed during the handshake"
+            incoming.write(data)
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(outgoing.read())
+                await writer.drain()
+        der = obj.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+    finally:
+        writer.close()
+
+
+async def test_tls_alpn_front_before_any_certificate(tmp_path: pathlib.Path) -> None:
+    """In the test's own (asyncio, not uvloop) loop, with a CA that cannot be
+    reached: the fronted listener serves the temporary certificate, forwards
+    /_matrix, reads a ClientHello that comes in pieces, and drops what is not
+    TLS."""
+    from tests.conftest import port_of, running_gate
+
+    async with recorder() as up:
+        toml = f"""
+[upstream]
+url = "http://127.0.0.1:{up.port}"
+[log]
+access = "off"
+[[listeners]]
+name = "main"
+bind = "127.0.0.1:0"
+[listeners.tls]
+acme = true
+[acme]
+directory = "https://127.0.0.1:1/directory"
+domains = ["matrix.test"]
+state_dir = "{tmp_path}/acme"
+challenge = "tls-alpn-01"
+"""
+        async with running_gate(toml) as gate:
+            port = port_of(gate)
+            cert = await leaf(port, "matrix.test")
+            assert cert.issuer == cert.subject and names(cert) == {"matrix.test"}
+            conn = await Conn.open(port, ssl=client_context(), server_hostname="matrix.test")
+            assert (await conn.request(GET_VERSIONS)).status == 200
+            await conn.close()
+            slow = await _handshake_in_pieces(port, "matrix.test", 0.2)
+            assert slow.serial_number == cert.serial_number
+            # Plain HTTP on the TLS port: no TLS, no answer, closed.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(GET_VERSIONS)
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            assert [r.target for r in up.requests] == [b"/_matrix/client/versions"]
