@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime
 import itertools
+import json
 import os
 import pathlib
 import re
@@ -319,9 +320,9 @@ async def test_restart_serves_the_stored_certificate_and_places_no_order(
 
 async def test_renewal_swaps_the_certificate_under_a_held_long_poll(
         tmp_path: pathlib.Path) -> None:
-    """Certificates valid 20 s, renewed 12 s before expiry: the first one is
-    due 8 s after it was issued."""
-    with run_pebble(tmp_path / "pebble", free_port(), free_port(), validity=20) as pebble:
+    """Certificates valid 12 s, renewed 8 s before expiry: the first one is
+    due 4 s after it was issued."""
+    with run_pebble(tmp_path / "pebble", free_port(), free_port(), validity=12) as pebble:
         async with recorder() as up:
             release = asyncio.Event()
 
@@ -331,7 +332,7 @@ async def test_renewal_swaps_the_certificate_under_a_held_long_poll(
                     await release.wait()
                 await echo_handler(req, reader, writer)
             up.handler = hold_sync
-            toml = gate_toml(pebble, tmp_path / "acme", up.port, renew_before="12s")
+            toml = gate_toml(pebble, tmp_path / "acme", up.port, renew_before="8s")
             with run_gate(toml, tmp_path / "gate") as gp:
                 first = await issued(pebble.tls_port)
                 root = pebble.root()
@@ -362,10 +363,12 @@ async def test_renewal_swaps_the_certificate_under_a_held_long_poll(
 
 
 async def test_ca_down_at_renewal_keeps_the_old_certificate(tmp_path: pathlib.Path) -> None:
-    with run_pebble(tmp_path / "pebble", free_port(), free_port(), validity=20) as pebble:
+    """Certificates valid 12 s, due 4 s after they were issued; the CA stops
+    right after the first one."""
+    with run_pebble(tmp_path / "pebble", free_port(), free_port(), validity=12) as pebble:
         async with recorder() as up:
             metrics = free_port()
-            toml = gate_toml(pebble, tmp_path / "acme", up.port, renew_before="12s",
+            toml = gate_toml(pebble, tmp_path / "acme", up.port, renew_before="8s",
                              metrics_port=metrics)
             with run_gate(toml, tmp_path / "gate") as gp:
                 first = await issued(pebble.tls_port)
@@ -445,6 +448,93 @@ async def test_retry_after_is_respected(pebble: Pebble, tmp_path: pathlib.Path) 
             assert "next attempt in 60m" in failure, failure  # not the 60 s back-off
             cert = await leaf(pebble.tls_port, DOMAINS[0])
             assert cert.issuer == cert.subject and names(cert) == set(DOMAINS)
+
+
+def _cert_id(cert: x509.Certificate) -> str:
+    """RFC 9773 section 4.1: base64url(AKI keyIdentifier) "." base64url(serial,
+    as the bytes of its DER INTEGER)."""
+    import base64
+
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    serial = cert.serial_number.to_bytes(cert.serial_number.bit_length() // 8 + 1, "big")
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    assert aki.key_identifier is not None
+    return f"{b64(aki.key_identifier)}.{b64(serial)}"
+
+
+def _bundle(path: pathlib.Path, pem: bytes, other: str) -> pathlib.Path:
+    path.write_bytes(pem + pathlib.Path(other).read_bytes())
+    return path
+
+
+@contextlib.asynccontextmanager
+async def with_renewal_info(pebble: Pebble, tmp_path: pathlib.Path,
+                            soon: Callable[[], bool]) -> AsyncIterator[tuple[str, str,
+                                                                             list[str]]]:
+    """Pebble's directory plus ``renewalInfo`` (RFC 9773), which this pebble
+    lacks: the directory and the renewal information come from here, every
+    other URL in the directory is pebble's own. While *soon()* holds, the
+    suggested window opens a second from now; after, in 50 days."""
+    seen: list[str] = []
+
+    async def directory(request: web.Request) -> web.Response:
+        doc = json.loads(await asyncio.to_thread(pebble._get, pebble.directory))
+        doc["renewalInfo"] = f"https://127.0.0.1:{port}/renewal-info"
+        return web.json_response(doc)
+
+    async def renewal_info(request: web.Request) -> web.Response:
+        seen.append(request.match_info["id"])
+        start = datetime.datetime.now(datetime.UTC) + (
+            datetime.timedelta(seconds=1) if soon() else datetime.timedelta(days=50))
+        window = {"start": start.isoformat(), "end": (start + datetime.timedelta(
+            seconds=1)).isoformat()}
+        return web.json_response({"suggestedWindow": window}, headers={"Retry-After": "3600"})
+
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    bundle = _bundle(tmp_path / "bundle.pem", ca.cert_pem.bytes(), pebble.ca_bundle)
+    app = web.Application()
+    app.router.add_get("/dir", directory)
+    app.router.add_get("/renewal-info/{id}", renewal_info)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"https://127.0.0.1:{port}/dir", str(bundle), seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_renewal_information_decides_when(pebble: Pebble, tmp_path: pathlib.Path) -> None:
+    """A CA that offers renewal information (ARI) and suggests renewing a
+    5-year certificate now (as after a revocation): the gate renews within
+    the window, though renew_before is 30 days."""
+    orders, issued_before = pebble.orders(), pebble.issued()
+    first: list[x509.Certificate] = []
+    # Soon for the first certificate only.
+    async with with_renewal_info(pebble, tmp_path, lambda: pebble.issued() - issued_before < 2
+                                 ) as (directory, bundle, seen), recorder() as up:
+        toml = gate_toml(pebble, tmp_path / "acme", up.port, directory=directory,
+                         ca_bundle=bundle)
+        with run_gate(toml, tmp_path / "gate") as gp:
+            first.append(await issued(pebble.tls_port))
+            renewed = await issued(pebble.tls_port, other_than=first[0].serial_number,
+                                   timeout=20)
+            await leaf(pebble.tls_port, DOMAINS[1], pebble.root())
+            assert _cert_id(first[0]) in seen, seen
+            assert log_lines(gp, f"the CA suggests renewing the certificate (serial "
+                                 f"{first[0].serial_number:x})")
+            # The new certificate's window is in 50 days: no third order.
+            await until(lambda: _cert_id(renewed) in seen, 10, "renewal information asked")
+            await asyncio.sleep(1.5)
+            assert pebble.orders() == orders + 2
+            assert (await leaf(pebble.tls_port, DOMAINS[0])).serial_number == \
+                renewed.serial_number
 
 
 # -- workers ---------------------------------------------------------------------------------------
