@@ -5,7 +5,9 @@ This module owns the TLS policy of SPEC section 1: TLS 1.2 minimum, ALPN
 clients), a default certificate plus more chosen by SNI name, and optional
 strict SNI (an unknown or missing name fails the handshake, like HAProxy's
 ``strict-sni``). Errors are :class:`ConfigError` with the key path of the
-certificate that failed.
+certificate that failed. A listener with ``tls.acme`` also serves the
+certificate :mod:`palpo_gate.acme` obtains, read at each handshake so that a
+renewal reaches new handshakes without a reload.
 """
 
 from __future__ import annotations

@@ -143,6 +143,16 @@ def test_due(not_before: float, not_after: float, renew_before: float, ari: floa
     assert schedule.due(not_before, not_after, renew_before, ari) == pytest.approx(due)
 
 
+def test_due_not_before_a_third_of_the_time_since_obtained() -> None:
+    # A 25-hour certificate backdated by a day, obtained at 0: by renew_before
+    # and the 2/3 cap it was due before it was obtained.
+    assert schedule.due(-DAY, 3600.0, 30 * DAY) < 0
+    assert schedule.due(-DAY, 3600.0, 30 * DAY, obtained=0.0) == pytest.approx(1200.0)
+    # An ordinary one is not moved.
+    assert schedule.due(0.0, 90 * DAY, 30 * DAY, obtained=3600.0) == 60 * DAY
+    assert schedule.due(0.0, 90 * DAY, 30 * DAY, 5.0, obtained=3600.0) == 5.0  # ARI decides
+
+
 RETRY = [
     # (failures, retry_after, remaining) → delay
     ("first failure, no certificate yet", 1, None, None, 60.0),

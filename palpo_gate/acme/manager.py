@@ -27,9 +27,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..config import Acme
-from . import schedule
-from .client import Conversation, describe
-from .serving import Served, _when
+from . import certs, schedule
+from .client import AcmeFailure, Conversation, describe
+from .serving import Served, utc
 from .store import Store
 
 log = logging.getLogger("palpo_gate.acme")
@@ -114,7 +114,8 @@ class Manager:
             return max(self._next_attempt - now, 0.0)
         pem, info = stored
         ari_time = await self._renewal_info(pem, info.serial, now)
-        due = schedule.due(info.not_before, info.not_after, self.cfg.renew_before, ari_time)
+        due = schedule.due(info.not_before, info.not_after, self.cfg.renew_before, ari_time,
+                           self.store.mtime(self.store.certificate))
         return max(due - now, self._next_attempt - now, 0.0)
 
     async def _renewal_info(self, pem: bytes, serial: int, now: float) -> float | None:
@@ -130,13 +131,13 @@ class Manager:
             retry = getattr(exc, "retry_after", None)  # acme.errors.ARIError
             next_check = retry.timestamp() if retry is not None else now + ARI_DEFAULT_RECHECK
             log.warning("acme: cannot read the CA's renewal information: %s; asking again at "
-                        "%s", describe(exc.__cause__ or exc), _when(next_check))
+                        "%s", describe(exc.__cause__ or exc), utc(next_check))
             when = self._ari[1] if self._ari is not None and self._ari[0] == serial else None
         finally:
             conversation.close()
         if when is not None and (self._ari is None or self._ari[1] != when):
             log.info("acme: the CA suggests renewing the certificate (serial %x) at %s",
-                     serial, _when(when))
+                     serial, utc(when))
         self._ari = (serial, when, max(next_check, now + schedule.MIN_RETRY))
         return when
 
@@ -161,15 +162,24 @@ class Manager:
         self.served.refresh(quiet=True)
         info = self.served.info
         assert info is not None
-        due = schedule.due(info.not_before, info.not_after, cfg.renew_before)
+        due = schedule.due(info.not_before, info.not_after, cfg.renew_before,
+                           obtained=time.time())
         log.info("acme: obtained a certificate for %s in %.1fs (serial %x, valid until %s); "
                  "renewal due %s", names, time.monotonic() - started, info.serial,
-                 _when(info.not_after), _when(due))
+                 utc(info.not_after), utc(due))
 
     def _order(self, conversation: Conversation, cfg: Acme) -> None:
         """In the thread: order, then store (so that a certificate obtained as
         the process stops is not lost)."""
         pem = conversation.order(cfg.domains, cfg.challenge)
+        info = certs.info(pem)
+        # Stored, such a certificate would be ordered again at once.
+        if not set(cfg.domains) <= info.names:
+            raise AcmeFailure(f"the CA issued a certificate for {', '.join(sorted(info.names))}"
+                              f", not for {', '.join(cfg.domains)}")
+        if info.not_after <= time.time():
+            raise AcmeFailure(f"the CA issued a certificate that expired at "
+                              f"{utc(info.not_after)}")
         self.store.write(self.store.certificate, pem)
 
     def _failed(self, exc: BaseException, retry_after: float | None) -> None:
@@ -181,7 +191,7 @@ class Manager:
         delay = schedule.retry_delay(self.failures, retry_after=retry_after,
                                      remaining=remaining)
         self._next_attempt = now + delay
-        serving = (f"still serving the certificate valid until {_when(info.not_after)}"
+        serving = (f"still serving the certificate valid until {utc(info.not_after)}"
                    if remaining is not None and info is not None
                    else "still serving the temporary self-signed certificate")
         log.error("acme: could not obtain a certificate for %s: %s; %s; next attempt in %s",

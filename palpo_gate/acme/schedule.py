@@ -8,7 +8,9 @@ rules, each there so that the gate never talks to its CA in a loop:
   uniformly at random in its suggested window, chosen by the caller). But at
   most two thirds of its lifetime before expiry: with ``renew_before`` longer
   than the lifetime (30 days against a 6-day certificate) every new
-  certificate would be due at once.
+  certificate would be due at once. Nor, without renewal information, before
+  a third of the time from when it was obtained to its expiry has passed
+  (a CA that backdates ``notBefore`` far).
 - After a failed attempt the next one waits :data:`FIRST_RETRY`, doubling
   per failure up to :data:`MAX_RETRY`; never less than the CA's
   ``Retry-After`` (RFC 8555 section 6.6: rate limits; RFC 9773 section 4.3);
@@ -32,12 +34,16 @@ MAX_RENEW_SHARE: Final = 2 / 3
 
 
 def due(not_before: float, not_after: float, renew_before: float,
-        ari_time: float | None = None) -> float:
-    """When a certificate valid from *not_before* to *not_after* is to be renewed."""
+        ari_time: float | None = None, obtained: float | None = None) -> float:
+    """When a certificate valid from *not_before* to *not_after*, obtained at
+    *obtained* (if known), is to be renewed."""
     if ari_time is not None:
         return ari_time
     lifetime = max(not_after - not_before, 0.0)
-    return not_after - min(renew_before, lifetime * MAX_RENEW_SHARE)
+    when = not_after - min(renew_before, lifetime * MAX_RENEW_SHARE)
+    if obtained is not None:
+        when = max(when, obtained + (not_after - obtained) * (1 - MAX_RENEW_SHARE))
+    return when
 
 
 def retry_delay(failures: int, *, retry_after: float | None = None,

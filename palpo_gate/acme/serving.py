@@ -31,7 +31,8 @@ log = logging.getLogger("palpo_gate.acme")
 HTTP01_PREFIX = "/.well-known/acme-challenge/"
 
 
-def _when(ts: float) -> str:
+def utc(ts: float) -> str:
+    """A time for the log."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
@@ -56,7 +57,7 @@ class Served:
         if self.refresh(quiet=True) and self.info is not None:
             log.info("acme: serving the stored certificate for %s (serial %x, valid until %s)",
                      ", ".join(sorted(self.info.names)), self.info.serial,
-                     _when(self.info.not_after))
+                     utc(self.info.not_after))
         else:
             self._self_signed()
 
@@ -94,7 +95,7 @@ class Served:
             pem = self.store.read(path) or b""
             info = certs.info(pem)
             if info.not_after <= time.time():
-                raise ValueError(f"expired at {_when(info.not_after)}")
+                raise ValueError(f"expired at {utc(info.not_after)}")
             context = tlsmod.server_context(path)
         except (ValueError, OSError, ssl.SSLError) as exc:
             log.error("acme: cannot serve the stored certificate %s: %s", path,
@@ -103,7 +104,7 @@ class Served:
         self.context, self.files, self.info, self.issued = context, (path, None), info, True
         if not quiet:
             log.info("acme: now serving certificate serial %x for %s, valid until %s",
-                     info.serial, ", ".join(sorted(info.names)), _when(info.not_after))
+                     info.serial, ", ".join(sorted(info.names)), utc(info.not_after))
         return True
 
     def _self_signed(self) -> None:

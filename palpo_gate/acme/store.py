@@ -70,6 +70,13 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def mtime(self, path: str) -> float | None:
+        """When *path* was last written (for the certificate: when it was obtained)."""
+        try:
+            return os.stat(path).st_mtime
+        except FileNotFoundError:
+            return None
+
     def write(self, path: str, data: bytes) -> None:
         """Replace *path* with *data*, atomically, mode 0600."""
         directory = os.path.dirname(path)
