@@ -758,8 +758,10 @@ class Gate:
         """Serve *cfg* from now on. Raises ConfigError (and changes nothing) if
         its certificates or new listening sockets cannot be had."""
         async with self._lock:
-            acme = self.acme if self.acme is not None or cfg.acme is None else _acme_service(cfg)
-            certs = cert_sets(cfg, acme)
+            if cfg.acme is not None and self.acme is None:
+                raise ConfigError(["acme: [acme] was added: automatic certificates start "
+                                   "with the next restart"])
+            certs = cert_sets(cfg, self.acme)
             old_slots = dict(self._slots)
             reusable = {s.key: s for s in old_slots.values()}
             slots = self._open_slots(cfg, reusable)
@@ -776,12 +778,8 @@ class Gate:
             await self._commit(cfg, new_gen, certs, slots)
             self.cfg, self.gen, self._certs = cfg, new_gen, certs
             self.generation += 1
-            if acme is not None:
-                if self.acme is None:
-                    self.acme = acme
-                    acme.start()
-                else:
-                    acme.reload(cfg.acme)
+            if self.acme is not None:
+                self.acme.reload(cfg.acme)
             self._draining_gens[old_gen] = set(old_servers)
             for gs in old_servers:
                 self._retired.add(gs)

@@ -716,3 +716,20 @@ challenge = "tls-alpn-01"
             assert await asyncio.wait_for(reader.read(), 10) == b""
             writer.close()
             assert [r.target for r in up.requests] == [b"/_matrix/client/versions"]
+
+
+async def test_reload_that_adds_acme_is_refused(tmp_path: pathlib.Path) -> None:
+    from palpo_gate import config as configmod
+    from palpo_gate.config import ConfigError
+    from tests.conftest import running_gate
+
+    plain = '[[listeners]]\nname = "main"\nbind = "127.0.0.1:0"\n'
+    async with running_gate(plain) as gate:
+        cfg = configmod.loads(plain + '[[listeners]]\nname = "tls"\nbind = "127.0.0.1:0"\n'
+                              '[listeners.tls]\nacme = true\n[acme]\ndomains = ["a.test"]\n'
+                              f'state_dir = "{tmp_path}/acme"\n')
+        with pytest.raises(ConfigError) as info:
+            await gate.reload(cfg)
+        assert info.value.errors == ["acme: [acme] was added: automatic certificates start "
+                                     "with the next restart"]
+        assert gate.generation == 1 and gate.acme is None
