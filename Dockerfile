@@ -24,10 +24,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 # A fixed numeric UID/GID: an orchestrator can verify "not root" (Kubernetes
 # runAsNonRoot), and the TLS key on the host can be made readable to 10001.
+# /var/lib/palpo-gate/acme is acme.state_dir for automatic HTTPS: a volume
+# mounted there starts out owned by 10001 (contrib/docker-compose.acme.yml).
 RUN groupadd --system --gid 10001 palpo-gate \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin palpo-gate \
-    && mkdir -p /etc/palpo-gate/tls
+    && mkdir -p /etc/palpo-gate/tls \
+    && install -d -m 0700 -o 10001 -g 10001 /var/lib/palpo-gate /var/lib/palpo-gate/acme
 
 # Binary wheels exist for every dependency (aiohttp with its C parser, which
 # the gate insists on, uvloop, httptools): no compiler in the image.
@@ -41,7 +44,8 @@ RUN pip install /src && rm -rf /src \
 COPY contrib/docker/healthcheck.py /usr/local/lib/palpo-gate/healthcheck.py
 
 USER 10001:10001
-EXPOSE 8008 8448
+# 8080: plain HTTP for the ACME http-01 check (contrib/docker-compose.acme.yml).
+EXPOSE 8008 8448 8080
 # /health is answered by the gate on every listener and never logged.
 # If you pass another --config to the gate, pass the same to the check.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \

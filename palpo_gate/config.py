@@ -92,10 +92,12 @@ class SniCert:
 
 @dataclass(frozen=True, slots=True)
 class Tls:
-    cert: str
+    cert: str  # "" when acme is true and no file certificate is given
     key: str
     strict_sni: bool = False
     sni: tuple[SniCert, ...] = ()
+    #: certificates for acme.domains, obtained by the gate (SPEC section 8)
+    acme: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +209,28 @@ class RateLimits:
 # --------------------------------------------------------------------------
 
 
+#: Let's Encrypt's production directory, the default of acme.directory.
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True, slots=True)
+class Acme:
+    """``[acme]``: certificates obtained and renewed by the gate (SPEC section 8)."""
+
+    domains: tuple[str, ...]
+    directory: str = LETS_ENCRYPT
+    email: str | None = None
+    #: account key, certificates and open challenges live here
+    state_dir: str = "/var/lib/palpo-gate/acme"
+    #: more CAs trusted for the directory's HTTPS (a private or test CA)
+    ca_bundle: str | None = None
+    challenge: str = "http-01"
+    #: seconds before expiry a certificate is renewed, unless the CA's
+    #: renewal information (RFC 9773) says otherwise
+    renew_before: float = 30 * 86400.0
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: Server
@@ -218,6 +242,7 @@ class Config:
     forwarding: Forwarding
     log: Log
     metrics: Metrics | None
+    acme: Acme | None = None
     source: str = "<built-in default>"
     rate_limits: RateLimits = RateLimits()
 
@@ -584,9 +609,10 @@ def _read_upstream(r: _Reader, raw: object) -> Upstream:
 
 
 def _read_tls(r: _Reader, raw: object, p: str) -> Tls | None:
-    t = r.table(raw, p, ("cert", "key", "strict_sni", "sni"))
+    t = r.table(raw, p, ("cert", "key", "strict_sni", "sni", "acme"))
     if t is None:
         return None
+    acme = r.get(t, p, "acme", _bool, False)
     sni: list[SniCert] = []
     raw_sni = t.get("sni", [])
     if not isinstance(raw_sni, list):
@@ -601,11 +627,22 @@ def _read_tls(r: _Reader, raw: object, p: str) -> Tls | None:
         if not st.get("names"):
             r.error(f"{sp}.names", "required: at least one server name")
         sni.append(SniCert(names, r.get(st, sp, "cert", _file), r.get(st, sp, "key", _file)))
+    if acme is True:
+        # The gate's own certificate is the default; a file pair is optional.
+        for one, other in (("cert", "key"), ("key", "cert")):
+            if one in t and other not in t:
+                r.error(f"{p}.{other}", f"required with {p}.{one}")
+        files = ("", "")
+        if "cert" in t and "key" in t:
+            files = (r.get(t, p, "cert", _file, ""), r.get(t, p, "key", _file, ""))
+    else:
+        files = (r.get(t, p, "cert", _file), r.get(t, p, "key", _file))
     tls = Tls(
-        cert=r.get(t, p, "cert", _file),
-        key=r.get(t, p, "key", _file),
+        cert=files[0],
+        key=files[1],
         strict_sni=r.get(t, p, "strict_sni", _bool, False),
         sni=tuple(sni),
+        acme=acme is True,
     )
     pairs = [(f"{p}.cert", tls), *((f"{p}.sni[{i}].cert", s) for i, s in enumerate(sni))]
     for where, pair in pairs:
@@ -859,8 +896,157 @@ def _check_proxy_protocol(r: _Reader, cfg: Config) -> None:
                     "empty: list the balancers' addresses there")
 
 
+# -- [acme] (SPEC section 8) -----------------------------------------------------
+
+#: One DNS label (RFC 1035 section 2.3.1, with digits first as RFC 1123 allows).
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+\Z")
+_LONG_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*d\s*$")
+
+
+def _acme_domain(value: object) -> str:
+    """A name a CA can issue for by HTTP-01 or TLS-ALPN-01: a DNS name, no
+    wildcard (that takes DNS-01), no IP address."""
+    if not isinstance(value, str) or not value:
+        raise _Bad("expected a DNS name such as \"matrix.example.com\"")
+    name = value.lower().rstrip(".")
+    if name.startswith("*."):
+        raise _Bad(f"{value!r}: a wildcard needs the dns-01 challenge, which the gate "
+                   "does not answer; list each name")
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise _Bad(f"{value!r}: an IP address, not a DNS name")
+    labels = name.split(".")
+    if (len(name) > 253 or len(labels) < 2
+            or not all(_DNS_LABEL.match(label) for label in labels)):
+        raise _Bad(f"{value!r} is not a DNS name (letters, digits and '-' in dot-separated "
+                   "labels, at least two labels)")
+    return name
+
+
+def _acme_directory(value: object) -> str:
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise _Bad("expected the https:// URL of an ACME directory")
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        url = None
+    # RFC 8555 section 6.1: ACME is spoken over HTTPS only.
+    if (url is None or url.scheme != "https" or not url.hostname or url.username
+            or url.fragment or any(c.isspace() for c in value)):
+        raise _Bad(f"{value!r}: expected the https:// URL of an ACME directory, e.g. "
+                   f"{LETS_ENCRYPT!r}")
+    return value
+
+
+def _acme_email(value: object) -> str:
+    if not isinstance(value, str) or not _EMAIL.match(value):
+        raise _Bad("expected an e-mail address such as \"admin@example.com\"")
+    return value
+
+
+def _long_duration(value: object) -> float:
+    """A duration, where days ("30d") are allowed too."""
+    if isinstance(value, str):
+        m = _LONG_DURATION.match(value)
+        if m:
+            value = float(m.group(1)) * 86400.0
+    try:
+        return parse_duration(value)
+    except _Bad as exc:
+        raise _Bad(str(exc).replace('"2m")', '"2m", "30d")')) from None
+
+
+def _writable_dir(value: object) -> str:
+    """An absolute directory path the gate can create or write into."""
+    path = _str(value)
+    if not os.path.isabs(path):
+        raise _Bad(f"{path}: must be an absolute path")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise _Bad(f"{path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "not writable" if probe == path else f"cannot be created ({probe} is not writable)"
+        raise _Bad(f"{path}: {what} by this user (uid {os.getuid()})")
+    return path
+
+
+def _ca_bundle(value: object) -> str:
+    path = _file(value)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (ssl.SSLError, ValueError) as exc:
+        raise _Bad(f"{path}: not a PEM bundle of CA certificates "
+                   f"({getattr(exc, 'reason', None) or exc})") from None
+    return path
+
+
+def _read_acme(r: _Reader, raw: object) -> Acme | None:
+    p = "acme"
+    t = r.table(raw, p, ("directory", "email", "domains", "state_dir", "ca_bundle",
+                         "challenge", "renew_before"))
+    if t is None:
+        return None
+    d = Acme(domains=())
+    domains = r.list_of(t, p, "domains", _acme_domain, ())
+    if "domains" not in t or t["domains"] == []:
+        r.error(f"{p}.domains", "required: at least one DNS name to obtain a certificate for")
+    elif len(set(domains)) < len(domains):
+        seen: set[str] = set()
+        for i, raw_name in enumerate(t["domains"]):
+            name = raw_name.lower().rstrip(".") if isinstance(raw_name, str) else None
+            if name in seen:
+                r.error(f"{p}.domains[{i}]", f"{raw_name!r} is listed twice")
+            seen.add(name)  # type: ignore[arg-type]
+    return Acme(
+        domains=tuple(dict.fromkeys(domains)),
+        directory=r.get(t, p, "directory", _acme_directory, d.directory),
+        email=r.get(t, p, "email", _acme_email, None),
+        state_dir=r.get(t, p, "state_dir", _writable_dir, d.state_dir),
+        ca_bundle=r.get(t, p, "ca_bundle", _ca_bundle, None),
+        # A bad value leaves "" rather than the default, so that the http-01
+        # check below does not report it a second time.
+        challenge=r.get(t, p, "challenge", _one_of(*ACME_CHALLENGES),
+                        "" if "challenge" in t else d.challenge),
+        renew_before=r.get(t, p, "renew_before", _long_duration, d.renew_before),
+    )
+
+
+def _check_acme(r: _Reader, cfg: Config) -> None:
+    """What [acme] and the listeners' ``tls.acme`` say of each other."""
+    users = [i for i, lst in enumerate(cfg.listeners) if lst.tls is not None and lst.tls.acme]
+    if cfg.acme is None:
+        for i in users:
+            r.error(f"listeners[{i}].tls.acme", "true, but there is no [acme] section "
+                    "(directory, domains, state_dir)")
+        return
+    if not users:
+        r.error("acme", "no listener has tls.acme = true: set it in the [listeners.tls] "
+                "block of the listeners that should serve these certificates")
+    if cfg.acme.challenge == "tls-alpn-01":
+        for i in users:
+            if cfg.listeners[i].proxy_protocol:
+                r.error(f"listeners[{i}].proxy_protocol", "TLS-ALPN-01 is answered from the "
+                        "ClientHello, which comes after a PROXY header here: use "
+                        "acme.challenge = \"http-01\" on this listener's set-up")
+    if cfg.acme.challenge == "http-01" and all(lst.tls is not None for lst in cfg.listeners):
+        r.error("acme.challenge", "\"http-01\" is answered on a plain-HTTP listener (the CA "
+                "connects to port 80) and there is none: add one, or use \"tls-alpn-01\"")
+
+
 _SECTIONS = ("server", "upstream", "listeners", "well_known", "admin", "limits",
-             "forwarding", "log", "metrics", "rate_limits")
+             "forwarding", "log", "metrics", "rate_limits", "acme")
 
 
 def from_dict(doc: dict[str, Any], source: str = "<dict>") -> Config:
@@ -879,9 +1065,11 @@ def from_dict(doc: dict[str, Any], source: str = "<dict>") -> Config:
         forwarding=_read_forwarding(r, doc.get("forwarding", {})),
         log=_read_log(r, doc.get("log", {})),
         metrics=_read_metrics(r, doc["metrics"]) if "metrics" in doc else None,
+        acme=_read_acme(r, doc["acme"]) if "acme" in doc else None,
         source=source,
         rate_limits=_read_rate_limits(r, doc.get("rate_limits", {})),
     )
+    _check_acme(r, cfg)
     if cfg.metrics is not None:
         _check_metrics_bind(r, cfg.metrics.bind, doc.get("listeners"))
     _check_proxy_protocol(r, cfg)
@@ -938,6 +1126,10 @@ def _seconds(x: float) -> str | float:
     return f"{int(x)}s" if x == int(x) else x
 
 
+def _days(x: float) -> str | float:
+    return f"{int(x // 86400)}d" if x % 86400 == 0 else _seconds(x)
+
+
 def dump(cfg: Config) -> str:
     """The effective config as TOML that :func:`loads` reads back to the same Config."""
     out: list[str] = [f"# effective configuration from {cfg.source}"]
@@ -963,9 +1155,12 @@ def dump(cfg: Config) -> str:
             out.append("proxy_protocol = true")
         if lst.tls:
             out.append("[listeners.tls]")
-            out.append(f"cert = {_toml_value(lst.tls.cert)}")
-            out.append(f"key = {_toml_value(lst.tls.key)}")
+            if lst.tls.cert:
+                out.append(f"cert = {_toml_value(lst.tls.cert)}")
+                out.append(f"key = {_toml_value(lst.tls.key)}")
             out.append(f"strict_sni = {_toml_value(lst.tls.strict_sni)}")
+            if lst.tls.acme:
+                out.append("acme = true")
             for s in lst.tls.sni:
                 out.append("[[listeners.tls.sni]]")
                 out.append(f"names = {_toml_value(list(s.names))}")
@@ -996,4 +1191,10 @@ def dump(cfg: Config) -> str:
     section("rate_limits", [*((k, str(v) if v else "0") for k, v in (
         ("login", rl.login), ("register", rl.register), ("password", rl.password),
         ("requests", rl.requests))), ("connections", rl.connections), ("storage", rl.storage)])
+    if cfg.acme:
+        a = cfg.acme
+        section("acme", [("directory", a.directory), ("email", a.email),
+                         ("domains", list(a.domains)), ("state_dir", a.state_dir),
+                         ("ca_bundle", a.ca_bundle), ("challenge", a.challenge),
+                         ("renew_before", _days(a.renew_before))])
     return "\n".join(out) + "\n"

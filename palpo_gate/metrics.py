@@ -110,6 +110,8 @@ SNAPSHOT_VERSION = 1
 GAUGE_MERGE: dict[str, Callable[[float, float], float]] = {
     "palpo_gate_config_generation": max,
     "palpo_gate_start_time_seconds": min,
+    # the certificate that expires first, of those the workers serve
+    "palpo_gate_certificate_expiry_timestamp_seconds": min,
 }
 
 #: What a registered gauge callable returns: one value, or one value per

@@ -56,6 +56,8 @@ _ROUTE = {
 _NO_BODY_STATUSES = frozenset({204, 304})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
+#: ACME HTTP-01 validation requests (RFC 8555 section 8.3)
+_ACME_CHALLENGE = "/.well-known/acme-challenge/"
 
 
 class Generation:
@@ -113,6 +115,8 @@ class ListenerHandler:
         #: set on reload: this listener's connections finish on this generation,
         #: each response announcing ``Connection: close``
         self.retired = False
+        #: set by the listener (plain HTTP, [acme] set): answers ACME HTTP-01
+        self.acme: Any = None
 
     def bound(self, sockname: Any) -> None:
         """Record the address the listener socket really got (port 0 → a real port)."""
@@ -156,7 +160,12 @@ class ListenerHandler:
         if not hdr.sane_request_id(rid):
             rid = hdr.new_request_id()
         assert rid is not None
-        if self.hosts is not None and not self._host_allowed(request):
+        route = None
+        if self.acme is not None and target.startswith(_ACME_CHALLENGE):
+            # RFC 8555 section 8.3, for any Host: answered here, never forwarded.
+            resp = self.acme.http01_response(method, target)
+            route = "well_known"
+        elif self.hosts is not None and not self._host_allowed(request):
             resp = self._error(421, "this server does not answer for that host",
                                decision.matrix, rid)
         elif action is Action.FORWARD or (
@@ -197,7 +206,8 @@ class ListenerHandler:
         if gen.access.enabled:
             gen.access.write(request, self.name, client, _Record(), time.monotonic(), rid, resp)
         if gen.metrics is not None:
-            gen.metrics.observe(self.name, _ROUTE.get(action, "other"), resp.status, 0.0, 0, 0)
+            gen.metrics.observe(self.name, route or _ROUTE.get(action, "other"), resp.status,
+                                0.0, 0, 0)
         return _ready(resp)
 
     # -- local answers -------------------------------------------------------------

@@ -154,6 +154,8 @@ class Process:
         registry.register_gauge(
             metricsmod.UPSTREAM_IDLE_CONNECTIONS, "Idle keep-alive connections to the upstream.",
             lambda: float(gate.upstream_connections()[1]))
+        if gate.acme is not None:
+            gate.acme.register_metrics(registry)  # certificate expiry, ACME failures
         if self._metrics_dir:
             return  # a worker: the supervisor serves the sum of all workers
         bind = self.cfg.metrics.bind

@@ -25,7 +25,7 @@ import ssl
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
@@ -36,6 +36,7 @@ from . import prelude as preludemod
 from . import ratelimit, systemd
 from . import tls as tlsmod
 from .accesslog import RefusedRequest, escape, redact_target
+from .acme.front import FrontServer, fronted  # light: no ACME client library
 from .config import Bind, Config, ConfigError, Listener
 from .errors import error_body
 from .headers import new_request_id
@@ -43,6 +44,9 @@ from .metrics import Registry
 from .proxy import Generation, ListenerHandler
 from .routing import _is_matrix
 from .wellknown import CORS_HEADERS
+
+if TYPE_CHECKING:
+    from .acme.service import AcmeService
 
 log = logging.getLogger("palpo_gate")
 
@@ -565,16 +569,21 @@ async def serve_metrics(bind: Bind, render: Callable[[], bytes],
     return await asyncio.get_running_loop().create_server(server, sock=sock)
 
 
-def cert_sets(cfg: Config) -> dict[str, tlsmod.CertSet]:
-    """Every TLS listener's certificates, loaded; errors name the key path."""
+def cert_sets(cfg: Config, acme: AcmeService | None = None) -> dict[str, tlsmod.CertSet]:
+    """Every TLS listener's certificates, loaded; errors name the key path.
+    Without *acme* (``check``), a listener with only ``tls.acme`` is left out."""
     out: dict[str, tlsmod.CertSet] = {}
     errors: list[str] = []
     for i, lst in enumerate(cfg.listeners):
         if lst.tls is not None:
             try:
-                out[lst.name] = tlsmod.build(lst.tls, f"listeners[{i}].tls")
+                certs = tlsmod.build(lst.tls, f"listeners[{i}].tls",
+                                     acme.served if acme is not None else None)
             except ConfigError as exc:
                 errors.extend(exc.errors)
+            else:
+                if certs is not None:
+                    out[lst.name] = certs
     if errors:
         raise ConfigError(errors)
     return out
@@ -588,13 +597,14 @@ def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
 # -- the running gate ----------------------------------------------------------------
 
 
-def _slot_key(lst: Listener) -> tuple[str, bool, bool]:
+def _slot_key(lst: Listener, cfg: Config) -> tuple[str, bool, bool, bool]:
     """Listeners with equal keys share a listening socket and its server across
-    a reload; a key that differs only in TLS or the PROXY protocol keeps the
-    socket, not the server. (With the PROXY protocol, TLS starts after the
-    header, in prelude.py: the asyncio server of such a TLS listener is a
-    plain one.)"""
-    return str(lst.bind), lst.tls is not None, lst.tls is not None and lst.proxy_protocol
+    a reload; a key that differs only in TLS, in the PROXY protocol (TLS then
+    starts after the header, in prelude.py, so the asyncio server of such a
+    TLS listener is a plain one) or in answering ACME TLS-ALPN-01 (which needs
+    an accept loop of its own) keeps the socket, not the server."""
+    return (str(lst.bind), lst.tls is not None, lst.tls is not None and lst.proxy_protocol,
+            fronted(lst, cfg.acme))
 
 
 class _Slot:
@@ -602,7 +612,7 @@ class _Slot:
     generations while its key is unchanged: a reload swaps what new
     connections get, not the socket (no refused connections)."""
 
-    def __init__(self, key: tuple[str, bool, bool], sock: socket.socket, owned: bool) -> None:
+    def __init__(self, key: tuple[str, bool, bool, bool], sock: socket.socket, owned: bool) -> None:
         self.key = key
         self.sock = sock
         #: bound here (not passed by systemd or the supervisor): ours to unlink
@@ -611,7 +621,7 @@ class _Slot:
         self.gate_server: GateServer | None = None
         self.certs: tlsmod.CertSet | None = None
         self.context: ssl.SSLContext | None = None
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.AbstractServer | FrontServer | None = None
 
     def new_connection(self) -> web_protocol.RequestHandler:
         assert self.gate_server is not None
@@ -634,7 +644,9 @@ class Gate:
                  reuse_port: bool = False, metrics: Registry | None = None) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self._certs = cert_sets(cfg)
+        #: automatic certificates (SPEC section 8), when [acme] is set
+        self.acme = _acme_service(cfg)
+        self._certs = cert_sets(cfg, self.acme)
         self.generation = 1
         self.metrics = metrics
         self.gen = Generation(cfg, self.loop, metrics)
@@ -676,12 +688,14 @@ class Gate:
         except BaseException:
             await self.close(0)
             raise
+        if self.acme is not None:
+            self.acme.start()  # after the listeners: the CA's validation needs them
         for name, slot in self._slots.items():
             assert slot.listener is not None
             log.info("listener %s on %s (%s%s)", name, _where(slot.sock, slot.listener),
                      slot.listener.role, ", TLS" if slot.listener.tls else "")
 
-    def _open_slots(self, cfg: Config, reusable: dict[tuple[str, bool, bool], _Slot]
+    def _open_slots(self, cfg: Config, reusable: dict[tuple[str, bool, bool, bool], _Slot]
                     ) -> dict[str, _Slot]:
         """A slot per listener of *cfg*: reused when its key is unchanged, else
         newly bound. Raises ConfigError (closing what it bound) if a bind fails."""
@@ -689,7 +703,7 @@ class Gate:
         fresh: list[_Slot] = []
         try:
             for i, lst in enumerate(cfg.listeners):
-                key = _slot_key(lst)
+                key = _slot_key(lst, cfg)
                 # TLS added or removed on the same bind: the socket is ours
                 # already (binding it again would fail); _commit gives it a
                 # new server.
@@ -719,7 +733,7 @@ class Gate:
         """Point every slot at *gen*; start servers for new sockets."""
         for lst in cfg.listeners:
             slot = slots[lst.name]
-            key = _slot_key(lst)
+            key = _slot_key(lst, cfg)
             if slot.server is not None and slot.key != key:
                 # TLS on or off: asyncio fixes it per server. The new server
                 # takes a duplicate of the socket, so it never stops listening
@@ -738,17 +752,24 @@ class Gate:
             slot.key = key
             handler = ListenerHandler(gen, lst)
             handler.bound(slot.sock.getsockname())
+            if cfg.acme is not None and self.acme is not None and lst.tls is None:
+                handler.acme = self.acme  # answers HTTP-01, never forwarded
             slot.listener = lst
             slot.gate_server = GateServer(handler, cfg)
             slot.certs = certs.get(lst.name)
             if slot.server is None:
                 if slot.certs is not None:
                     slot.context = tlsmod.listening_context(slot.current_certs)
-                context = None if slot.key[2] else slot.context  # prelude.py: TLS after PROXY
-                slot.server = await self.loop.create_server(
-                    slot.new_connection, sock=slot.sock, ssl=context,
-                    backlog=LISTEN_BACKLOG,
-                    ssl_handshake_timeout=cfg.limits.header_timeout if context else None)
+                if key[3] and slot.context is not None and self.acme is not None:
+                    # ACME TLS-ALPN-01: the ClientHello is read before TLS starts.
+                    slot.server = FrontServer(slot.sock, slot.new_connection, slot.context,
+                                              self.acme.alpn_context, cfg.limits.header_timeout)
+                else:
+                    context = None if key[2] else slot.context  # prelude.py: TLS after PROXY
+                    slot.server = await self.loop.create_server(
+                        slot.new_connection, sock=slot.sock, ssl=context,
+                        backlog=LISTEN_BACKLOG,
+                        ssl_handshake_timeout=cfg.limits.header_timeout if context else None)
             slot.gate_server.prelude = preludemod.for_listener(
                 lst, cfg, gen, slot.context, self.rate_limits)
         self._slots = slots
@@ -757,7 +778,10 @@ class Gate:
         """Serve *cfg* from now on. Raises ConfigError (and changes nothing) if
         its certificates or new listening sockets cannot be had."""
         async with self._lock:
-            certs = cert_sets(cfg)
+            if cfg.acme is not None and self.acme is None:
+                raise ConfigError(["acme: [acme] was added: automatic certificates start "
+                                   "with the next restart"])
+            certs = cert_sets(cfg, self.acme)
             old_slots = dict(self._slots)
             reusable = {s.key: s for s in old_slots.values()}
             slots = self._open_slots(cfg, reusable)
@@ -775,6 +799,8 @@ class Gate:
             await self._commit(cfg, new_gen, certs, slots)
             self.cfg, self.gen, self._certs = cfg, new_gen, certs
             self.generation += 1
+            if self.acme is not None:
+                self.acme.reload(cfg.acme)
             self._draining_gens[old_gen] = set(old_servers)
             for gs in old_servers:
                 self._retired.add(gs)
@@ -835,6 +861,8 @@ class Gate:
         for gen in self._draining_gens:
             gen.pool.close()
         self._draining_gens.clear()
+        if self.acme is not None:
+            await self.acme.close()
         self._retired.clear()
         self._slots.clear()
         await self.rate_limits.close()
@@ -846,6 +874,16 @@ class Gate:
                 and not lst.bind.path.startswith("@")):
             with contextlib.suppress(OSError):
                 os.unlink(lst.bind.path)
+
+
+def _acme_service(cfg: Config) -> AcmeService | None:
+    """The process's ACME service when [acme] is set (imported only then: the
+    ACME client library is not small)."""
+    if cfg.acme is None:
+        return None
+    from .acme.service import AcmeService
+
+    return AcmeService(cfg.acme)
 
 
 def _where(sock: socket.socket, lst: Listener) -> str:

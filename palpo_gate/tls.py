@@ -5,31 +5,41 @@ This module owns the TLS policy of SPEC section 1: TLS 1.2 minimum, ALPN
 clients), a default certificate plus more chosen by SNI name, and optional
 strict SNI (an unknown or missing name fails the handshake, like HAProxy's
 ``strict-sni``). Errors are :class:`ConfigError` with the key path of the
-certificate that failed.
+certificate that failed. A listener with ``tls.acme`` also serves the
+certificate :mod:`palpo_gate.acme` obtains, read at each handshake so that a
+renewal reaches new handshakes without a reload.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import Protocol
 
 from .config import ConfigError, Tls
 
 
-def _context(cert: str, key: str, where: str, errors: list[str]) -> ssl.SSLContext | None:
+def server_context(cert: str, key: str | None = None,
+                   alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+    """A context with the gate's TLS policy serving *cert* (a PEM chain; the
+    key is in it when *key* is None). Raises ssl.SSLError or OSError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     # The certificate and ALPN come from the context the SNI callback picks,
     # so every context carries the ALPN list (AIOHTTP-FACTS section 6).
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(alpn))
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _context(cert: str, key: str, where: str, errors: list[str]) -> ssl.SSLContext | None:
     try:
-        ctx.load_cert_chain(cert, key)
+        return server_context(cert, key)
     except (ssl.SSLError, OSError) as exc:
         errors.append(f"{where}: cannot load certificate {cert} with key {key}: "
                       f"{getattr(exc, 'reason', None) or exc}")
         return None
-    return ctx
 
 
 def cert_names(cert: str) -> set[str]:
@@ -53,25 +63,58 @@ def _matches(name: str, table: dict[str, ssl.SSLContext]) -> ssl.SSLContext | No
     return ctx
 
 
+class AcmeCertificate(Protocol):
+    """A certificate the gate obtains itself (``tls.acme``), swapped while it
+    serves: read at each handshake, never copied."""
+
+    names: frozenset[str]
+
+    @property
+    def context(self) -> ssl.SSLContext: ...
+
+    @property
+    def files(self) -> tuple[str, str | None]: ...
+
+
 class CertSet:
     """The certificates of one listener for one config generation."""
 
-    __slots__ = ("_by_name", "_default_names", "_strict", "default", "default_files")
+    __slots__ = ("_acme", "_by_name", "_default", "_default_files", "_default_names",
+                 "_strict")
 
-    def __init__(self, default: ssl.SSLContext, default_files: tuple[str, str],
+    def __init__(self, default: ssl.SSLContext | None, default_files: tuple[str, str],
                  by_name: dict[str, ssl.SSLContext], default_names: set[str],
-                 strict: bool) -> None:
-        self.default = default
-        self.default_files = default_files
+                 strict: bool, acme: AcmeCertificate | None = None) -> None:
+        self._default = default  # None: the ACME certificate is the default
+        self._default_files = default_files
         self._by_name = by_name
         self._default_names = {n: default for n in default_names}
         self._strict = strict
+        self._acme = acme
+
+    @property
+    def default(self) -> ssl.SSLContext:
+        if self._default is None:
+            assert self._acme is not None
+            return self._acme.context
+        return self._default
+
+    @property
+    def default_files(self) -> tuple[str, str | None]:
+        if self._default is None:
+            assert self._acme is not None
+            return self._acme.files
+        return self._default_files
 
     def pick(self, sslobj: ssl.SSLObject, server_name: str | None) -> int | None:
         """The SNI decision: switch *sslobj* to the certificate for the name,
         or fail the handshake (strict SNI and an unknown or missing name)."""
         if server_name:
             name = server_name.lower().rstrip(".")
+            acme = self._acme
+            if acme is not None and name in acme.names:
+                sslobj.context = acme.context
+                return None
             ctx = _matches(name, self._by_name)
             if ctx is not None:
                 sslobj.context = ctx
@@ -85,19 +128,28 @@ class CertSet:
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
 
-def build(tls: Tls, where: str) -> CertSet:
-    """The certificates of one listener's ``tls`` table, loaded."""
+def build(tls: Tls, where: str, acme: AcmeCertificate | None = None) -> CertSet | None:
+    """The certificates of one listener's ``tls`` table, loaded. With
+    ``tls.acme``, *acme* serves acme.domains (and is the default when no file
+    pair is given); without it (``check``) such a listener has nothing to
+    load and gives None."""
     errors: list[str] = []
-    default = _context(tls.cert, tls.key, f"{where}.cert", errors)
+    default = _context(tls.cert, tls.key, f"{where}.cert", errors) if tls.cert else None
     by_name: dict[str, ssl.SSLContext] = {}
     for i, sni in enumerate(tls.sni):
         ctx = _context(sni.cert, sni.key, f"{where}.sni[{i}].cert", errors)
         if ctx is not None:
             for name in sni.names:
                 by_name.setdefault(name, ctx)
-    if errors or default is None:
+    if errors:
         raise ConfigError(errors)
-    return CertSet(default, (tls.cert, tls.key), by_name, cert_names(tls.cert), tls.strict_sni)
+    acme = acme if tls.acme else None
+    if default is None and acme is None:
+        if tls.acme:
+            return None
+        raise ConfigError([f"{where}.cert: required"])
+    return CertSet(default, (tls.cert, tls.key), by_name,
+                   cert_names(tls.cert) if tls.cert else set(), tls.strict_sni, acme)
 
 
 def listening_context(current: Callable[[], CertSet]) -> ssl.SSLContext:
@@ -108,12 +160,8 @@ def listening_context(current: Callable[[], CertSet]) -> ssl.SSLContext:
     reaches new handshakes without touching the socket. The version floor
     comes from this context; certificate and ALPN from the one picked.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_alpn_protocols(["http/1.1"])
     # A handshake whose callback could not run still needs a certificate.
-    ctx.load_cert_chain(*current().default_files)
+    ctx = server_context(*current().default_files)
 
     def pick(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
         return current().pick(sslobj, server_name)

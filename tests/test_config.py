@@ -728,7 +728,7 @@ SPEC_KEYS: dict[str, tuple[str, ...]] = {
     "server": ("workers", "drain_timeout"),
     "upstream": ("url", "connect_timeout", "read_timeout", "pool_size"),
     "listeners": ("name", "bind", "role", "prefixes", "hosts"),
-    "listeners.tls": ("cert", "key", "strict_sni"),
+    "listeners.tls": ("cert", "key", "strict_sni", "acme"),
     "listeners.tls.sni": ("names", "cert", "key"),
     "well_known": ("server", "client", "identity_server"),
     "well_known.client_extra": (),
@@ -738,6 +738,8 @@ SPEC_KEYS: dict[str, tuple[str, ...]] = {
     "forwarding": ("trusted_proxies", "request_id_header"),
     "log": ("level", "access"),
     "metrics": ("bind",),
+    "acme": ("directory", "email", "domains", "state_dir", "ca_bundle", "challenge",
+             "renew_before"),
 }
 
 _HEADER_RE = re.compile(r"^\[\[?\s*([A-Za-z0-9_.]+)\s*\]\]?\s*(#.*)?$")
@@ -774,3 +776,117 @@ def test_example_documents_every_spec_key(section: str) -> None:
     assert section in sections, f"[{section}] is not in config.example.toml"
     missing = set(SPEC_KEYS[section]) - sections[section]
     assert not missing, f"[{section}] lacks {sorted(missing)} in config.example.toml"
+
+
+# -- [acme] (SPEC section 8) ----------------------------------------------------------------
+
+PLAIN = '[[listeners]]\nname = "web"\nbind = "127.0.0.1:8080"\n'
+ACME_TLS = '[[listeners]]\nname = "tls"\nbind = "127.0.0.1:8443"\n[listeners.tls]\nacme = true\n'
+
+
+def _acme(state_dir: pathlib.Path, **keys: str) -> str:
+    lines = {"domains": '["matrix.example.com"]', "state_dir": f'"{state_dir}"', **keys}
+    return "[acme]\n" + "".join(f"{k} = {v}\n" for k, v in lines.items() if v)
+
+
+def test_acme_defaults(tmp_path: pathlib.Path) -> None:
+    cfg = loads(PLAIN + ACME_TLS + _acme(tmp_path / "acme"))
+    assert cfg.acme == configmod.Acme(
+        domains=("matrix.example.com",), directory=configmod.LETS_ENCRYPT, email=None,
+        state_dir=str(tmp_path / "acme"), ca_bundle=None, challenge="http-01",
+        renew_before=30 * 86400.0)
+    tls = cfg.listeners[1].tls
+    assert tls is not None and tls.acme and tls.cert == "" and tls.key == ""
+    assert configmod.Acme(domains=()).state_dir == "/var/lib/palpo-gate/acme"
+    _round_trip(cfg)
+
+
+def test_acme_values_parse(tmp_path: pathlib.Path, pem: dict[str, str]) -> None:
+    cfg = loads(ACME_TLS + f'cert = "{pem["cert"]}"\nkey = "{pem["key"]}"\n' + _acme(
+        tmp_path, domains='["Matrix.Example.com.", "example.com"]',
+        directory='"https://ca.test:14000/dir"', email='"admin@example.com"',
+        ca_bundle=f'"{pem["cert"]}"', challenge='"tls-alpn-01"', renew_before='"10d"'))
+    assert cfg.acme is not None
+    assert cfg.acme.domains == ("matrix.example.com", "example.com")
+    assert (cfg.acme.directory, cfg.acme.email, cfg.acme.ca_bundle, cfg.acme.challenge,
+            cfg.acme.renew_before) == ("https://ca.test:14000/dir", "admin@example.com",
+                                       pem["cert"], "tls-alpn-01", 10 * 86400.0)
+    assert cfg.listeners[0].tls is not None and cfg.listeners[0].tls.cert == pem["cert"]
+    _round_trip(cfg)
+
+
+BAD_ACME = [
+    ("acme = true without [acme]", PLAIN + ACME_TLS, "listeners[1].tls.acme",
+     "there is no [acme] section"),
+    ("no domains", PLAIN + ACME_TLS + "[acme]\nstate_dir = '{tmp}'\n", "acme.domains",
+     "required"),
+    ("empty domains", PLAIN + ACME_TLS + "[acme]\ndomains = []\nstate_dir = '{tmp}'\n",
+     "acme.domains", "at least one DNS name"),
+    ("domain not a DNS name", PLAIN + ACME_TLS + "[acme]\ndomains = ['matrix example']\n"
+     "state_dir = '{tmp}'\n", "acme.domains[0]", "not a DNS name"),
+    ("domain with a port", PLAIN + ACME_TLS + "[acme]\ndomains = ['example.com:443']\n"
+     "state_dir = '{tmp}'\n", "acme.domains[0]", "not a DNS name"),
+    ("single-label domain", PLAIN + ACME_TLS + "[acme]\ndomains = ['localhost']\n"
+     "state_dir = '{tmp}'\n", "acme.domains[0]", "not a DNS name"),
+    ("wildcard domain", PLAIN + ACME_TLS + "[acme]\ndomains = ['*.example.com']\n"
+     "state_dir = '{tmp}'\n", "acme.domains[0]", "dns-01"),
+    ("IP address domain", PLAIN + ACME_TLS + "[acme]\ndomains = ['192.0.2.1']\n"
+     "state_dir = '{tmp}'\n", "acme.domains[0]", "IP address"),
+    ("domain twice", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example', 'A.example.']\n"
+     "state_dir = '{tmp}'\n", "acme.domains[1]", "listed twice"),
+    ("plain http directory", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\ndirectory = 'http://ca.example/dir'\n", "acme.directory",
+     "https://"),
+    ("directory not a URL", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\ndirectory = 'letsencrypt'\n", "acme.directory", "https://"),
+    ("directory with a bad port", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\ndirectory = 'https://ca.example:99999/dir'\n", "acme.directory",
+     "https://"),
+    ("state_dir under a file", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{file}/acme'\n", "acme.state_dir", "is not a directory"),
+    ("state_dir relative", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = 'acme'\n", "acme.state_dir", "absolute"),
+    ("ca_bundle missing", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\nca_bundle = '{tmp}/none.pem'\n", "acme.ca_bundle", "not found"),
+    ("ca_bundle not PEM", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\nca_bundle = '{file}'\n", "acme.ca_bundle", "not a PEM bundle"),
+    ("challenge dns-01", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\nchallenge = 'dns-01'\n", "acme.challenge", "'http-01'"),
+    ("http-01 without a plain listener", ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\n", "acme.challenge", "plain-HTTP listener"),
+    ("bad renew_before", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\nrenew_before = 'a month'\n", "acme.renew_before", '"30d"'),
+    ("bad email", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\nemail = 'admin'\n", "acme.email", "e-mail address"),
+    ("unknown key", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\nrenew_befor = '30d'\n", "acme.renew_befor", "renew_before"),
+    ("[acme] but no listener uses it", PLAIN + "[acme]\ndomains = ['a.example']\n"
+     "state_dir = '{tmp}'\n", "acme", "no listener has tls.acme = true"),
+    ("cert without key", PLAIN + ACME_TLS + "cert = '{file}'\n[acme]\ndomains = ['a.example']"
+     "\nstate_dir = '{tmp}'\n", "listeners[1].tls.key", "required with"),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "message"), [r[1:] for r in BAD_ACME],
+                         ids=[r[0] for r in BAD_ACME])
+def test_bad_acme_config_names_its_key_path(tmp_path: pathlib.Path, text: str, path: str,
+                                            message: str) -> None:
+    (tmp_path / "file").write_text("not a certificate\n")
+    errors = errors_of(text.format(tmp=tmp_path, file=tmp_path / "file"))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"{path}: "), errors
+    assert message in errors[0][len(path) + 2:], errors
+
+
+ACME_EXAMPLE = EXAMPLE.with_name("config.acme.example.toml")
+
+
+def test_acme_example_loads(tmp_path: pathlib.Path) -> None:
+    text = ACME_EXAMPLE.read_text(encoding="utf-8")
+    assert '"/var/lib/palpo-gate/acme"' in text
+    cfg = loads(text.replace('"/var/lib/palpo-gate/acme"', f'"{tmp_path}/acme"'),
+                str(ACME_EXAMPLE))
+    assert cfg.acme is not None and cfg.acme.domains
+    assert [(str(lst.bind), lst.tls is not None and lst.tls.acme) for lst in cfg.listeners] == [
+        ("0.0.0.0:80", False), ("0.0.0.0:443", True), ("0.0.0.0:8448", True)]
+    _round_trip(cfg)

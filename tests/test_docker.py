@@ -268,6 +268,42 @@ def test_example_config_is_valid_but_for_its_certificate_files() -> None:
         assert "/etc/palpo-gate/tls/" in err, err
 
 
+ACME_COMPOSE = ROOT / "contrib" / "docker-compose.acme.yml"
+ACME_EXAMPLE = ROOT / "contrib" / "docker" / "palpo-gate.acme.toml"
+
+
+def test_compose_acme_variant(compose: dict[str, Any], dockerfile: Dockerfile,
+                              tmp_path: pathlib.Path) -> None:
+    """The override for automatic HTTPS: port 80 for the CA, its own config
+    mounted where the base one was, state_dir on a volume the image owns."""
+    import yaml
+
+    override = yaml.safe_load(ACME_COMPOSE.read_text())
+    gate = override["services"]["palpo-gate"]
+    assert set(override["services"]) <= set(compose["services"])
+    volumes = [str(v) for v in gate["volumes"]]
+    assert f"./palpo-gate.acme.toml:{IMAGE_CONFIG}:ro" in volumes
+    named = {v.split(":")[0]: v.split(":")[1] for v in volumes if not v.startswith(".")}
+    assert set(named) <= set(override["volumes"])
+
+    text = ACME_EXAMPLE.read_text()
+    doc = tomllib.loads(text)
+    assert doc["upstream"]["url"] == "http://palpo:8008"
+    state_dir = doc["acme"]["state_dir"]
+    assert state_dir in named.values()
+    # The image creates it for UID 10001, so a new volume there starts out theirs.
+    assert any(state_dir in i.args and "10001" in i.args and "0700" in i.args
+               for i in dockerfile.final_stage if i.keyword == "RUN")
+    cfg = configmod.loads(text.replace(state_dir, str(tmp_path / "acme")), str(ACME_EXAMPLE))
+    assert cfg.acme is not None and cfg.acme.challenge == "http-01"
+    pairs = _port_pairs(gate) + _port_pairs(compose["services"]["palpo-gate"])
+    assert ("80", "8080") in pairs and ("443", "8008") in pairs and ("8448", "8448") in pairs
+    binds = {str(lst.bind.port) for lst in cfg.listeners}
+    exposed = {p for args in dockerfile.all("EXPOSE") for p in args.split()}
+    assert {c for _, c in pairs} == binds <= exposed
+    assert {str(lst.bind.port) for lst in cfg.listeners if lst.tls is None} == {"8080"}
+
+
 # ---------------------------------------------------------------------------
 # Running what the image runs
 

@@ -415,6 +415,9 @@ def test_service_unit_hardening() -> None:
     assert value("SystemCallArchitectures") == "native"
     assert svc["SystemCallFilter"][0] == "@system-service"
     assert value("RuntimeDirectory") == "palpo-gate"
+    # acme.state_dir's default, /var/lib/palpo-gate/acme, is writable and kept.
+    assert value("StateDirectory") == "palpo-gate"
+    assert value("StateDirectoryMode") == "0700"
     assert value("UMask") == "0077"
     assert value("LimitNOFILE") == "65536"
     assert "network-online.target" in value_list(unit["Unit"], "After")
