@@ -600,22 +600,34 @@ def _not_served(f: Facts, which: str) -> str:
     return "not served (404 from the homeserver)"
 
 
-def _wk_server(f: Facts) -> Result:
-    http = f.wk_server
-    common = _doc_common(f, http, "server")
+def _doc_answer(f: Facts, http: Http | None, which: str,
+                missing: tuple[str, str, str]) -> Result | None:
+    """The outcome of a document that did not come back with a 200: *missing*
+    is (status, consequence, fix) of a 404 the gate was not told to answer."""
+    common = _doc_common(f, http, which)
     if common:
         return common
     assert http is not None
-    configured = _gate_serves(f, "server")
-    src = _source(f)
-    if http.status == 404 and not configured:
-        return Result("wellknown.server", "", PASS,
-                      f"{_not_served(f, 'server')}: no delegation; remote servers look up SRV "
-                      "records, then port 8448 of the server name")
+    check = f"wellknown.{which}"
+    if http.status == 404 and not _gate_serves(f, which):
+        status, consequence, fix = missing
+        return Result(check, "", status, f"{_not_served(f, which)}: {consequence}", fix)
     if http.status != 200:
-        return Result("wellknown.server", "", FAIL,
-                      f"/.well-known/matrix/server answers {http.status} (from {src})",
-                      "set [well_known] server in the gate's config")
+        return Result(check, "", FAIL,
+                      f"/.well-known/matrix/{which} answers {http.status} (from {_source(f)})",
+                      f"set [well_known] {which} in the gate's config")
+    return None
+
+
+def _wk_server(f: Facts) -> Result:
+    http = f.wk_server
+    early = _doc_answer(f, http, "server", (
+        PASS, "no delegation; remote servers look up SRV records, then port 8448 of the "
+        "server name", ""))
+    if early:
+        return early
+    assert http is not None
+    src = _source(f)
     try:
         doc = http.json()
         value = doc["m.server"]
@@ -655,21 +667,14 @@ def _why(exc: BaseException) -> str:
 
 def _wk_client(f: Facts) -> Result:
     http = f.wk_client
-    common = _doc_common(f, http, "client")
-    if common:
-        return common
+    early = _doc_answer(f, http, "client", (
+        WARN, "clients cannot find the homeserver from a user ID",
+        "set [well_known] client = \"https://<client listener's name>\""))
+    if early:
+        return early
     assert http is not None
     configured = _gate_serves(f, "client")
     src = _source(f)
-    if http.status == 404 and not configured:
-        return Result("wellknown.client", "", WARN,
-                      f"{_not_served(f, 'client')}: clients cannot find the homeserver from "
-                      "a user ID",
-                      "set [well_known] client = \"https://<client listener's name>\"")
-    if http.status != 200:
-        return Result("wellknown.client", "", FAIL,
-                      f"/.well-known/matrix/client answers {http.status} (from {src})",
-                      "set [well_known] client in the gate's config")
     try:
         doc = http.json()
         base = doc["m.homeserver"]["base_url"]
