@@ -317,11 +317,25 @@ async def gather(cfg: Config, *, cafile: str | None = None,
 
 
 async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | None) -> None:
-    cfg = facts.cfg
+    """Every fact the checks read, step by step, as a remote server and a
+    client would find them."""
     look, chain, remote = _contexts(facts.cafile)
+    keys = await _upstream_directly(facts, client)
+    reachable = await _listener_health(facts, client)
+    dns_ = _Dns(resolver)
+    facts.dns_resolver = dns_.where
+    m_server, base_url = await _delegation(facts, client, dns_, remote, reachable)
+    await _tls_of_listeners(facts, reachable, m_server, base_url, look, chain)
+    await _discovery(facts, client, dns_, remote, keys)
+    await _client_base(facts, client, dns_, remote)
+    # Through the gate's own listeners: the admin API, the federation target.
+    await _admin(facts, client, reachable)
+    await _targets_through(facts, client, reachable)
 
-    # The upstream, directly.
-    base, unix = _upstream_base(cfg)
+
+async def _upstream_directly(facts: Facts, client: _Client) -> Http:
+    """The upstream's answers, asked directly; returns its key document."""
+    base, unix = _upstream_base(facts.cfg)
     answers = await asyncio.gather(*(client.get(base, t, unix=unix)
                                      for t in checks.PROBES.values()))
     facts.upstream = dict(zip(checks.PROBES, answers, strict=True))
@@ -330,9 +344,13 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
         with contextlib.suppress(ValueError, AttributeError):
             name = keys.json().get("server_name")
             facts.server_name = name if isinstance(name, str) and name else None
+    return keys
 
+
+async def _listener_health(facts: Facts, client: _Client) -> list[Listener]:
+    """/health on every listener the doctor can reach; returns those."""
     reachable: list[Listener] = []
-    for lst in cfg.listeners:
+    for lst in facts.cfg.listeners:
         why = checks.reachable(lst.bind)
         if why:
             facts.unreachable[lst.name] = why
@@ -341,12 +359,15 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
     healths = await asyncio.gather(*(_Gate(client, lst, "").get("/health")
                                      for lst in reachable))
     facts.health = {lst.name: h for lst, h in zip(reachable, healths, strict=True)}
+    return reachable
 
-    dns_ = _Dns(resolver)
-    facts.dns_resolver = dns_.where
 
-    # The delegation documents, as the gate answers them for the server name
-    # (a gate that answers for it is where https://<server name>/ leads) ...
+async def _delegation(facts: Facts, client: _Client, dns_: _Dns, remote: Any,
+                      reachable: list[Listener]) -> tuple[str | None, str | None]:
+    """The delegation documents; returns (m.server, base_url) as served or
+    configured."""
+    # As the gate answers them for the server name (a gate that answers for
+    # it is where https://<server name>/ leads) ...
     s_host = None
     with contextlib.suppress(ValueError):
         s_host = discovery.split_host_port(facts.server_name)[0] if facts.server_name else None
@@ -365,59 +386,71 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
         if server is not None and (server.status == 200 or wk is None):
             facts.wk_server, facts.wk_client = server, client_doc
             facts.wk_listener, facts.wk_host = "", facts.server_name
-    wkc = cfg.well_known
+    wkc = facts.cfg.well_known
     m_server = checks.server_doc(facts.wk_server) or (wkc.server if wkc else None) or None
     base_url = checks.client_doc(facts.wk_client) or (wkc.client if wkc else None) or None
+    return m_server, base_url
 
-    # TLS of every listener, for every name it serves.
+
+async def _tls_of_listeners(facts: Facts, reachable: list[Listener], m_server: str | None,
+                            base_url: str | None, look: Any, chain: Any) -> None:
+    """TLS of every listener, for every name it serves."""
     probes = []
     for lst in reachable:
         if lst.tls is None:
             continue
-        names = checks.listener_names(cfg, lst, m_server, base_url, facts.server_name)
+        names = checks.listener_names(facts.cfg, lst, m_server, base_url, facts.server_name)
         facts.tls_names[lst.name] = names
         # No name known: one handshake without SNI still shows chain and dates.
         probes.append((lst.name, [_tls_probe(lst.bind, n, look, chain) for n in names or ("",)]))
     for name, coros in probes:
         facts.tls[name] = list(await asyncio.gather(*coros))
 
-    # Discovery, as a remote server does it.
-    if facts.server_name is not None:
-        served = checks.server_doc(facts.wk_server)
-        route = await _resolve(dns_, facts, facts.server_name, served)
-        if served is not None:
-            await _resolve(dns_, facts, facts.server_name, None)  # the fallback: SRV
-        if route is not None:
-            for address, port in route.endpoints[:8]:
-                http = await client.get(_base("https", address, port), checks.PROBES["keys"],
-                                        host=route.host_header, sni=route.tls_name,
-                                        verify=remote)
-                facts.route_attempts.append(Attempt(address, port, http))
-                if checks.same_keys(http, keys):
-                    break
 
-    # The client base URL, as a client does it.
+async def _discovery(facts: Facts, client: _Client, dns_: _Dns, remote: Any,
+                     keys: Http) -> None:
+    """Server discovery, as a remote server does it, up to the key document."""
+    if facts.server_name is None:
+        return
+    served = checks.server_doc(facts.wk_server)
+    route = await _resolve(dns_, facts, facts.server_name, served)
+    if served is not None:
+        await _resolve(dns_, facts, facts.server_name, None)  # the fallback: SRV
+    if route is None:
+        return
+    for address, port in route.endpoints[:8]:
+        http = await client.get(_base("https", address, port), checks.PROBES["keys"],
+                                host=route.host_header, sni=route.tls_name, verify=remote)
+        facts.route_attempts.append(Attempt(address, port, http))
+        if checks.same_keys(http, keys):
+            break
+
+
+async def _client_base(facts: Facts, client: _Client, dns_: _Dns, remote: Any) -> None:
+    """The client base URL, as a client follows it."""
     client_base = checks.client_doc(facts.wk_client)
-    if client_base is not None:
-        scheme, host, port, path = checks.base_url_parts(client_base)
-        got: Any = None
-        for _ in range(4):
-            got = discovery.addresses(host, port, facts.dns)
-            if not isinstance(got, discovery.Need):
-                break
-            facts.dns[(got.qname, got.qtype)] = await dns_.lookup(got.qname, got.qtype)
-        default = 443 if scheme == "https" else 80
-        host_header = host if port == default else discovery.join_host_port(host, port)
-        for address, p in (got[0] if isinstance(got, tuple) else ())[:8]:
-            http = await client.get(_base(scheme, address, p),
-                                    path + checks.PROBES["versions"], host=host_header,
-                                    sni=host, verify=remote if scheme == "https" else None)
-            facts.client_attempts.append(Attempt(address, p, http))
-            if http.same_answer(facts.upstream["versions"]):
-                break
+    if client_base is None:
+        return
+    scheme, host, port, path = checks.base_url_parts(client_base)
+    got: Any = None
+    for _ in range(4):
+        got = discovery.addresses(host, port, facts.dns)
+        if not isinstance(got, discovery.Need):
+            break
+        facts.dns[(got.qname, got.qtype)] = await dns_.lookup(got.qname, got.qtype)
+    default = 443 if scheme == "https" else 80
+    host_header = host if port == default else discovery.join_host_port(host, port)
+    for address, p in (got[0] if isinstance(got, tuple) else ())[:8]:
+        http = await client.get(_base(scheme, address, p),
+                                path + checks.PROBES["versions"], host=host_header,
+                                sni=host, verify=remote if scheme == "https" else None)
+        facts.client_attempts.append(Attempt(address, p, http))
+        if http.same_answer(facts.upstream["versions"]):
+            break
 
-    # Through the gate's own listeners: the admin API, the federation target.
-    await _admin(facts, client, reachable)
+
+async def _targets_through(facts: Facts, client: _Client, reachable: list[Listener]) -> None:
+    """The federation probes through each listener that forwards them."""
     for lst in reachable:
         if not all(_forwards(lst, checks.PROBES[p].split("?")[0]) for p in checks.TARGET_PROBES):
             continue
