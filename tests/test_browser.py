@@ -27,15 +27,16 @@ from typing import IO
 
 import pytest
 from aiohttp import web
-from conftest import free_port, port_of
+from support.client import Conn, Resp, fetch, get
+from support.gate import port_of
+from support.net import free_port
+from support.recorder import recorder
 
 from palpo_gate import config as configmod
 from palpo_gate.errors import error_body
 from palpo_gate.metrics import Registry
 from palpo_gate.server import Gate
 from palpo_gate.wellknown import CORS_HEADERS
-from tests.support.client import Conn, Resp, fetch, get
-from tests.support.recorder import recorder
 
 PREFLIGHT = ("Origin: http://app.example\r\n"
              "Access-Control-Request-Method: GET\r\n"

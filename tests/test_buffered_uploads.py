@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
 
 import pytest
-from conftest import gate_toml, port_of, running_gate
-from support.client import Conn
-from support.recorder import Recorder, Req, recorder, response
+from support.client import Conn, chunk, raw
+from support.gate import gate_toml, port_of, running_gate
+from support.recorder import Recorder, Req, response
 
 from palpo_gate import spool
 from palpo_gate.routing import media_upload
@@ -74,24 +73,7 @@ def test_with_length_adds_the_last_field() -> None:
 # -- over sockets --------------------------------------------------------------------------
 
 
-def raw(method: str, target: str, headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: gate.test"]
-    lines += [f"{n}: {v}" for n, v in headers or []]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n" % len(data) + data + b"\r\n"
-
-
 CHUNKED = [("Transfer-Encoding", "chunked"), ("Content-Type", "application/octet-stream")]
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 def config(up: Recorder, buffer: bool = True, limits: str = "") -> str:

@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import free_port
+from support.net import free_port
 
 from palpo_gate import config as configmod
 

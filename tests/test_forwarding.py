@@ -12,15 +12,14 @@ import asyncio
 import gzip
 import json
 import re
-import socket
 import ssl
-from collections.abc import AsyncIterator
 
 import pytest
 import targets
-from conftest import gate_toml, port_of, running_gate
-from support.client import Conn, Resp, fetch, get
-from support.recorder import Recorder, Req, echo_handler, recorder, response
+from support.client import Conn, Resp, fetch, get, raw
+from support.gate import gate_toml, port_of, running_gate
+from support.net import free_port as closed_port
+from support.recorder import Recorder, Req, echo_handler, recorder, response, up_url
 
 FORWARD = [t for t, action, _ in targets.TARGETS if action == targets.F]
 LOCAL = [(t, action) for t, action, _ in targets.TARGETS if action != targets.F]
@@ -28,27 +27,6 @@ ADMIN = [t for t, action, _ in targets.TARGETS if action == targets.ADMIN]
 LOCAL_STATUS = {targets.ADMIN: 403, targets.BAD: 400, targets.NF: 404, targets.HEALTH: 200}
 
 SANE_RID = re.compile(rb"^[A-Za-z0-9._:/+=@-]{1,128}$")
-
-
-def raw(method: str, target: str | bytes, headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"", host: str | None = "gate.test") -> bytes:
-    """A request exactly as given (no header is added but Host)."""
-    t = target.encode("latin-1") if isinstance(target, str) else target
-    lines = [method.encode() + b" " + t + b" HTTP/1.1"]
-    if host is not None:
-        lines.append(b"Host: " + host.encode())
-    lines += [f"{n}: {v}".encode("latin-1") for n, v in headers or []]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-def up_url(up: Recorder) -> str:
-    return f"unix:{up.path}" if up.path else f"http://127.0.0.1:{up.port}"
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 def assert_matrix_error(resp: Resp, status: int, errcode: str = "M_UNKNOWN") -> None:
@@ -585,14 +563,6 @@ role = "client"
 
 # ---------------------------------------------------------------------------
 # Upstream failures
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
 
 
 async def test_refused_upstream_is_a_matrix_502() -> None:

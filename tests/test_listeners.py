@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import running_gate
 from support.client import Conn, fetch, get
+from support.gate import running_gate
 from support.recorder import recorder
 
 TWO_LISTENERS = """

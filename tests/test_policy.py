@@ -8,23 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-import socket
 
 import pytest
-from conftest import gate_toml, port_of, running_gate
 from support.client import Conn, Resp, fetch, get
+from support.gate import gate_toml, port_of, running_gate
+from support.net import free_port as _closed_port
 from support.recorder import Recorder, Req, recorder
 from test_forwarding import assert_matrix_error, raw
 
 from palpo_gate import proxy
 
 RID = "policy-rid-1"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _assert_reveals_nothing(resp: Resp, *secrets: str) -> None:
@@ -164,12 +158,6 @@ async def test_an_unexpected_failure_is_a_generic_500(
     assert r2.status == 500 and r2.header("Content-Type") == "text/plain; charset=utf-8"
     for resp in (r, r2):
         _assert_reveals_nothing(resp, "secret", "Traceback", "Internal Server Error")
-
-
-@pytest.fixture
-async def up() -> Recorder:  # type: ignore[misc]
-    async with recorder() as rec:
-        yield rec
 
 
 # ---------------------------------------------------------------------------

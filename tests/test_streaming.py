@@ -10,35 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
-import pytest
-from conftest import gate_toml, port_of, running_gate
-from support.client import Conn, Resp, get
-from support.recorder import Recorder, Req, echo_handler, recorder, response
+from support.client import Conn, Resp, chunk, get, raw
+from support.gate import gate_toml, port_of, running_gate
+from support.recorder import Recorder, Req, echo_handler, response, up_url
 
 MiB = 1024 * 1024
-
-
-def raw(method: str, target: str, headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: gate.test"]
-    lines += [f"{n}: {v}" for n, v in headers or []]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n" % len(data) + data + b"\r\n"
-
-
-def up_url(up: Recorder) -> str:
-    return f"http://127.0.0.1:{up.port}"
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 def with_limits(up: Recorder, limits: str) -> str:

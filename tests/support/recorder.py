@@ -137,6 +137,11 @@ class Recorder:
             writer.close()
 
 
+def up_url(up: Recorder) -> str:
+    """The ``[upstream] url`` that names *up*."""
+    return f"unix:{up.path}" if up.path else f"http://127.0.0.1:{up.port}"
+
+
 @contextlib.asynccontextmanager
 async def recorder(unix_path: str | None = None, host: str = "127.0.0.1"
                    ) -> AsyncIterator[Recorder]:
