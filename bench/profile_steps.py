@@ -461,21 +461,23 @@ def syscalls(instructions: Any, start: Any, n: int, conns: int, tmp: Path) -> di
             "total_per_request": round(sum(calls.values()), 3)}
 
 
-def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, out: Path) -> dict[str, Any]:
+def pyspy_profile(ctx: Any, start: Any, seconds: int, out: Path) -> dict[str, Any]:
     """py-spy (sampling, --nonblocking) on the gate under wrk -c64: the share of
     samples in each step (inclusive), and the top functions by own samples."""
     import shutil
+
+    from palpo_bench import common, wrk
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     svc = start([])
     try:
         port = svc.ports["plain"]
-        run.run_wrk(ctx, run.url(port, run.VERSIONS_PATH), 2, 64)
+        wrk.run_wrk(ctx, wrk.url(port, common.VERSIONS_PATH), 2, 64)
         spy_proc = subprocess.Popen([spy, "record", "--nonblocking", "-r", "400", "-d",
                                      str(seconds), "-f", "raw", "-o", str(out), "--pid",
                                      str(svc.pid)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
-        run.run_wrk(ctx, run.url(port, run.VERSIONS_PATH), seconds + 2, 64)
+        wrk.run_wrk(ctx, wrk.url(port, common.VERSIONS_PATH), seconds + 2, 64)
         _, err = spy_proc.communicate(timeout=60)
         if not out.exists():
             raise RuntimeError(f"py-spy wrote nothing: {err[-1000:]}")
@@ -512,21 +514,22 @@ def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, out: Path) -> di
 def drive(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(BENCH_DIR))
     import instructions
-    import run
+    from palpo_bench import arms, cli, common, procs
+    from palpo_bench import tools as bench_tools
 
     only = args.only.split(",") if args.only else list(VARIANTS)
     bad = [v for v in only if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {','.join(VARIANTS)}")
-    rargs = run.parse_args(["--rounds", "0", "--instructions", str(args.requests),
+    rargs = cli.parse_args(["--rounds", "0", "--instructions", str(args.requests),
                             "--no-install"])
-    tools = run.ensure_tools(False, instructions=True)
-    fd_limit = run.raise_fd_limit()
-    cpu_load, cpu_proxy, _ = run.choose_cpus(rargs)
+    tools = bench_tools.ensure_tools(False, instructions=True)
+    fd_limit = bench_tools.raise_fd_limit()
+    cpu_load, cpu_proxy, _ = cli.choose_cpus(rargs)
     tmp = Path(tempfile.mkdtemp(prefix="palpo-profile-"))
-    cert, key = run.make_cert(tmp, tools["openssl"])
-    ctx = run.Ctx(rargs, run.choose_mode(rargs), tools, tmp, cert, key, run.make_upload_lua(tmp),
-                  cpu_load, cpu_proxy, fd_limit)
+    cert, key = arms.make_cert(tmp, tools["openssl"])
+    ctx = arms.Ctx(rargs, cli.choose_mode(rargs), tools, tmp, cert, key,
+                   arms.make_upload_lua(tmp), cpu_load, cpu_proxy, fd_limit)
     me = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO_DIR)}
     results: dict[str, Any] = {}
@@ -537,17 +540,17 @@ def drive(args: argparse.Namespace) -> int:
             workdir = tmp / f"gate-{ctx.starts}"
             ctx.starts += 1
             workdir.mkdir()
-            ports = {"plain": run.free_port(), "tls": run.free_port()}
-            toml = run.gate_toml(ctx, ctx.upstream.ports["plain"], ports)
+            ports = {"plain": procs.free_port(), "tls": procs.free_port()}
+            toml = arms.gate_toml(ctx, ctx.upstream.ports["plain"], ports)
             if access:
                 toml = toml.replace('access = "off"', 'access = "plain"')
             if metrics:
-                toml += f'\n[metrics]\nbind = "{HOST}:{run.free_port()}"\n'
+                toml += f'\n[metrics]\nbind = "{HOST}:{procs.free_port()}"\n'
             conf = workdir / "gate.toml"
             conf.write_text(toml)
-            svc = run.launch("gate", [*run.pin(cpu_proxy), *prefix, *me, "serve", "--ablate",
-                                      ablations, "--config", str(conf)], workdir, ports, env=env)
-            run.wait_ready(svc, run.log_says(workdir / "stderr.log", "palpo-gate ready"), 600)
+            svc = procs.launch("gate", [*procs.pin(cpu_proxy), *prefix, *me, "serve", "--ablate",
+                                        ablations, "--config", str(conf)], workdir, ports, env=env)
+            procs.wait_ready(svc, procs.log_says(workdir / "stderr.log", "palpo-gate ready"), 600)
             return svc
         return start
 
@@ -557,20 +560,20 @@ def drive(args: argparse.Namespace) -> int:
             workdir = tmp / f"{kind}-{ctx.starts}"
             ctx.starts += 1
             workdir.mkdir()
-            ports = {"plain": run.free_port()}
-            cmd = [*run.pin(cpu_proxy), *prefix, *me, kind, "--port", str(ports["plain"])]
+            ports = {"plain": procs.free_port()}
+            cmd = [*procs.pin(cpu_proxy), *prefix, *me, kind, "--port", str(ports["plain"])]
             if kind == "raw":
-                cmd += ["--body-file", str(run.versions_body(tmp))]
+                cmd += ["--body-file", str(arms.versions_body(tmp))]
             else:
                 cmd += ["--upstream-port", str(ctx.upstream.ports["plain"])]
-            svc = run.launch(kind, cmd, workdir, ports, env=env)
-            run.wait_ready(svc, run.log_says(workdir / "stderr.log", f"{kind} ready"), 600)
+            svc = procs.launch(kind, cmd, workdir, ports, env=env)
+            procs.wait_ready(svc, procs.log_says(workdir / "stderr.log", f"{kind} ready"), 600)
             return svc
         return start
 
     starters = {
         "raw": floor("raw"),
-        "bare": lambda p: run.start_bare(ctx, p, ready_s=600),
+        "bare": lambda p: arms.start_bare(ctx, p, ready_s=600),
         "minproxy": floor("minproxy"),
         "gate": gate_variant(""),
         "gate-route": gate_variant("route"),
@@ -587,7 +590,7 @@ def drive(args: argparse.Namespace) -> int:
         "gate+access": gate_variant("", access=True),
     }
     try:
-        run.start_upstreams(ctx)
+        arms.start_upstreams(ctx)
         for name in only:
             if name.startswith("syscalls-"):
                 results[name] = syscalls(instructions, starters[name.split("-", 1)[1]],
@@ -595,18 +598,18 @@ def drive(args: argparse.Namespace) -> int:
                 continue
             if name in ("py-spy", "py-spy-bare"):
                 starter = starters["gate" if name == "py-spy" else "bare"]
-                results[name] = pyspy_profile(run, ctx, starter, args.seconds,
+                results[name] = pyspy_profile(ctx, starter, args.seconds,
                                               tmp / f"{name}.txt")
                 continue
             if name == "micro":
                 continue
-            subject = instructions.Subject(name, starters[name], run.VERSIONS_PATH)
+            subject = instructions.Subject(name, starters[name], common.VERSIONS_PATH)
             results[name] = instructions.measure_callgrind(
                 subject, tmp / "callgrind", args.requests, args.conns,
-                max(200, args.requests // 5), 3, run.log)
+                max(200, args.requests // 5), 3, common.log)
         if "micro" in only:
             conf = tmp / "micro.toml"
-            conf.write_text(run.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443}))
+            conf.write_text(arms.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443}))
             out_file = tmp / "callgrind" / "callgrind.micro"
             out_file.parent.mkdir(exist_ok=True)
             proc = subprocess.run([*instructions.callgrind_prefix(out_file), *me, "micro",
@@ -617,14 +620,14 @@ def drive(args: argparse.Namespace) -> int:
                 raise RuntimeError(f"micro failed: {proc.stderr[-3000:]}")
             results["micro"] = json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
-        for svc in list(reversed(run.STARTED)):
-            run.stop_service(svc)
+        for svc in list(reversed(procs.STARTED)):
+            procs.stop_service(svc)
         if not args.keep_tmp:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            run.log(f"temp dir kept: {tmp}")
+            common.log(f"temp dir kept: {tmp}")
     now = dt.datetime.now(dt.UTC).astimezone()
     out = {"date": now.isoformat(timespec="seconds"), "requests": args.requests,
            "connections": args.conns, "results": results}
@@ -646,7 +649,7 @@ def drive(args: argparse.Namespace) -> int:
         ir = r["ir_per_request"]
         diff = f"{ir - gate:+10,.0f} vs gate" if gate else ""
         print(f"{name:<30} {ir:>10,.0f} Ir/request  {diff}")
-    run.log(f"written: {path}")
+    common.log(f"written: {path}")
     return 0
 
 
