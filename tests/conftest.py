@@ -14,9 +14,9 @@ from support.tls import write_tls_files
 
 # Property tests: a modest example count in CI (the default), a larger one on
 # demand with ``--hypothesis-profile=thorough``.
-settings.register_profile("ci", max_examples=200, deadline=None,
+settings.register_profile("ci", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=5000, deadline=None,
+settings.register_profile("thorough", max_examples=10000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
 
