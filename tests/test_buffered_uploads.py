@@ -15,7 +15,7 @@ import hashlib
 import pytest
 from support.client import Conn, chunk, raw
 from support.gate import gate_toml, port_of, running_gate
-from support.recorder import Recorder, Req, response
+from support.recorder import Recorder, Req, count_handler, response
 
 from palpo_gate import spool
 from palpo_gate.routing import media_upload
@@ -338,24 +338,13 @@ async def test_50mib_upload_is_collected_with_flat_memory(up: Recorder) -> None:
     size = 50 * MiB
     peak = 0
 
-    async def count(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        length = int(req.header("content-length") or 0)
-        got = 0
-        while got < length:
-            data = await reader.read(min(MiB, length - got))
-            if not data:
-                return
-            got += len(data)
-        writer.write(response(200, b"%d" % got))
-
     async def sample() -> None:
         nonlocal peak
         while True:
             peak = max(peak, rss_bytes())
             await asyncio.sleep(0.01)
 
-    up.handler = count
+    up.handler = count_handler
     block = chunk(bytes(range(256)) * 256)  # 64 KiB of data per chunk
     async with running_gate(config(up, limits='max_body_size = "50M"')) as gate:
         conn = await Conn.open(port_of(gate))

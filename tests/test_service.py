@@ -43,7 +43,7 @@ from support.client import Conn, fetch, get
 from support.gate import GateProcess, answers_health, gate_toml, run_gate, watch
 from support.net import free_port
 from support.notify import Datagram, notify_socket
-from support.upstream_thread import threaded_upstream
+from support.upstream_thread import ThreadedUpstream, threaded_upstream
 
 from palpo_gate import config as configmod
 
@@ -553,21 +553,37 @@ def _refused_soon(port: int, tries: int = 40) -> bool:
     return False
 
 
+def _sigterm_with_a_held_long_poll(
+        up: ThreadedUpstream, tmp_path: pathlib.Path, drain: str, exit_within: float,
+        while_draining: Callable[[GateProcess, int], None] = lambda gp, port: None,
+) -> tuple[GateProcess, dict[str, object], int, float]:
+    """Hold a long-poll through the gate, SIGTERM it, run *while_draining*, wait
+    for the exit: the gate, the long-poll's result, the exit status and the
+    seconds from SIGTERM to the exit."""
+    port = free_port()
+    with run_gate(_config(up.url, port, server=f'drain_timeout = "{drain}"'), tmp_path) as gp:
+        result: dict[str, object] = {}
+        t = _background_get(port, "/_matrix/client/v3/sync?timeout=30000", result)
+        assert up.wait_for(lambda: up.requests, 5), "the long-poll never reached upstream"
+        sent = time.monotonic()
+        gp.proc.send_signal(signal.SIGTERM)
+        while_draining(gp, port)
+        rc = _wait_exit(gp.proc, exit_within)
+        took = time.monotonic() - sent
+        t.join(5)
+    return gp, result, rc, took
+
+
+def _still_draining(gp: GateProcess, port: int) -> None:
+    assert _refused_soon(port), "new connections are still accepted after SIGTERM"
+    assert gp.proc.poll() is None, "the gate exited with a long-poll in flight"
+
+
 @pytest.mark.timeout(30)
 def test_sigterm_drains_a_held_long_poll(tmp_path: pathlib.Path) -> None:
     with threaded_upstream("up", sync_hold=2.0) as up:
-        port = free_port()
-        with run_gate(_config(up.url, port, server='drain_timeout = "10s"'), tmp_path) as gp:
-            result: dict[str, object] = {}
-            t = _background_get(port, "/_matrix/client/v3/sync?timeout=30000", result)
-            assert up.wait_for(lambda: up.requests, 5), "the long-poll never reached upstream"
-            sent = time.monotonic()
-            gp.proc.send_signal(signal.SIGTERM)
-            assert _refused_soon(port), "new connections are still accepted after SIGTERM"
-            assert gp.proc.poll() is None, "the gate exited with a long-poll in flight"
-            rc = _wait_exit(gp.proc, 15)
-            took = time.monotonic() - sent
-            t.join(5)
+        gp, result, rc, took = _sigterm_with_a_held_long_poll(up, tmp_path, "10s", 15,
+                                                              _still_draining)
         print(f"drain: held long-poll answered, exit {rc} {took:.2f}s after SIGTERM")
         assert result.get("resp") == (200, b'{"next_batch": "up-s1"}'), result
         assert rc == 0, _stderr(gp)
@@ -578,16 +594,7 @@ def test_sigterm_drains_a_held_long_poll(tmp_path: pathlib.Path) -> None:
 @pytest.mark.timeout(30)
 def test_sigterm_cuts_what_outlasts_the_drain_timeout(tmp_path: pathlib.Path) -> None:
     with threaded_upstream("up", sync_hold=5.0) as up:
-        port = free_port()
-        with run_gate(_config(up.url, port, server='drain_timeout = "1s"'), tmp_path) as gp:
-            result: dict[str, object] = {}
-            t = _background_get(port, "/_matrix/client/v3/sync?timeout=30000", result)
-            assert up.wait_for(lambda: up.requests, 5), "the long-poll never reached upstream"
-            sent = time.monotonic()
-            gp.proc.send_signal(signal.SIGTERM)
-            rc = _wait_exit(gp.proc, 10)
-            took = time.monotonic() - sent
-            t.join(5)
+        gp, result, rc, took = _sigterm_with_a_held_long_poll(up, tmp_path, "1s", 10)
         print(f"drain_timeout 1s: exit {rc} {took:.2f}s after SIGTERM")
         assert rc == 0, _stderr(gp)
         # drain_timeout is the whole drain (SPEC section 6: "drain for [10 s], then

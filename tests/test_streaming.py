@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from support.client import Conn, Resp, chunk, get, raw
 from support.gate import gate_toml, port_of, running_gate
-from support.recorder import Recorder, Req, echo_handler, response, up_url
+from support.recorder import Recorder, Req, count_handler, echo_handler, response, up_url
 
 MiB = 1024 * 1024
 
@@ -218,18 +218,7 @@ async def test_big_download_keeps_memory_flat(up: Recorder) -> None:
 
 
 async def test_big_upload_keeps_memory_flat(up: Recorder) -> None:
-    async def count(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        length = int(req.header("content-length") or 0)
-        got = 0
-        while got < length:
-            data = await reader.read(min(MiB, length - got))
-            if not data:
-                return
-            got += len(data)
-        writer.write(response(200, b"%d" % got))
-
-    up.handler = count
+    up.handler = count_handler
     async with running_gate(gate_toml(up_url(up), extra='[limits]\nmax_body_size = "1G"\n')
                             ) as gate:
         conn = await Conn.open(port_of(gate))
