@@ -475,9 +475,9 @@ class DropOnReuse:
         writer.write(response(200, b"answer " + req.target))
 
 
-@pytest.mark.parametrize("how", ["close", "abort"])
-async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(
-        up: Recorder, how: str) -> None:
+async def second_on_a_dropped_reuse(up: Recorder, how: str, second: bytes) -> Resp:
+    """The response to *second*, sent on the connection a GET was answered on,
+    when the upstream drops its reused connection (*how*) unanswered, once."""
     dropper = DropOnReuse(how)
     up.handler = dropper
     async with running_gate(gate_toml(up_url(up))) as gate:
@@ -485,36 +485,34 @@ async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(
         try:
             resp = await conn.request(get("/_matrix/first"))
             assert resp.status == 200
-            resp = await conn.request(get("/_matrix/second"))
-            assert resp.status == 200, resp
+            resp = await conn.request(second)
         finally:
             await conn.close()
-        assert dropper.dropped == 1
-        targets_seen = [r.target for r in up.requests]
-        assert targets_seen == [b"/_matrix/first", b"/_matrix/second", b"/_matrix/second"]
-        assert up.connections == 2
+    assert dropper.dropped == 1
+    return resp
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(
+        up: Recorder, how: str) -> None:
+    resp = await second_on_a_dropped_reuse(up, how, get("/_matrix/second"))
+    assert resp.status == 200, resp
+    targets_seen = [r.target for r in up.requests]
+    assert targets_seen == [b"/_matrix/first", b"/_matrix/second", b"/_matrix/second"]
+    assert up.connections == 2
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])
 async def test_post_with_consumed_body_dropped_unanswered_is_not_retried(
         up: Recorder, how: str) -> None:
-    dropper = DropOnReuse(how)
-    up.handler = dropper
-    async with running_gate(gate_toml(up_url(up))) as gate:
-        conn = await Conn.open(port_of(gate))
-        try:
-            resp = await conn.request(get("/_matrix/first"))
-            assert resp.status == 200
-            body = b'{"body":"send me once"}'
-            resp = await conn.request(raw("POST", "/_matrix/client/v3/rooms/r/send/m/t1", [
-                ("Content-Length", str(len(body)))], body))
-        finally:
-            await conn.close()
-        assert dropper.dropped == 1
-        assert_matrix_error(resp, 502)
-        posts = [r for r in up.requests if r.method == b"POST"]
-        assert len(posts) == 1
-        assert posts[0].body == body
+    body = b'{"body":"send me once"}'
+    resp = await second_on_a_dropped_reuse(
+        up, how, raw("POST", "/_matrix/client/v3/rooms/r/send/m/t1",
+                     [("Content-Length", str(len(body)))], body))
+    assert_matrix_error(resp, 502)
+    posts = [r for r in up.requests if r.method == b"POST"]
+    assert len(posts) == 1
+    assert posts[0].body == body
 
 
 # ---------------------------------------------------------------------------
@@ -600,56 +598,50 @@ async def test_silent_upstream_is_a_matrix_504(up: Recorder) -> None:
             await closed.wait()  # the timed-out upstream connection was closed
 
 
-async def test_upstream_cut_mid_response_closes_the_client(up: Recorder) -> None:
-    async def short(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
+async def cut_response(up: Recorder, target: str, *pieces: bytes) -> Resp:
+    """The client's response when the upstream sends *pieces* (a pause after
+    each) and then dies; the gate must have closed the client connection."""
+    async def cut(req: Req, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
         await req.read_body(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                     b"Content-Length: 1000\r\n\r\n" + b"0123456789")
-        await writer.drain()
-        await asyncio.sleep(0.05)
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
         writer.transport.abort()
 
-    up.handler = short
+    up.handler = cut
     async with running_gate(gate_toml(up_url(up))) as gate:
         conn = await Conn.open(port_of(gate))
         try:
-            await conn.send(get("/_matrix/media/x"))
+            await conn.send(get(target))
             resp = await conn.read_response()
-            assert resp.status == 200
-            assert resp.header("Content-Length") == "1000"
-            assert resp.complete is False
-            assert resp.body == b"0123456789"
             assert conn.reader.at_eof()  # the gate closed the client connection
+            return resp
         finally:
             await conn.close()
+
+
+async def test_upstream_cut_mid_response_closes_the_client(up: Recorder) -> None:
+    resp = await cut_response(
+        up, "/_matrix/media/x",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: 1000\r\n\r\n" + b"0123456789")
+    assert resp.status == 200
+    assert resp.header("Content-Length") == "1000"
+    assert resp.complete is False
+    assert resp.body == b"0123456789"
 
 
 async def test_upstream_cut_mid_chunked_response_closes_the_client(up: Recorder) -> None:
-    async def short(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        await req.read_body(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n" + b"a\r\n0123456789\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"5\r\nabc")  # half a chunk, then the upstream dies
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.transport.abort()
-
-    up.handler = short
-    async with running_gate(gate_toml(up_url(up))) as gate:
-        conn = await Conn.open(port_of(gate))
-        try:
-            await conn.send(get("/_matrix/client/v3/sync"))
-            resp = await conn.read_response()
-            assert resp.status == 200
-            assert resp.complete is False  # never a clean, short body
-            assert resp.body.startswith(b"0123456789")
-            assert conn.reader.at_eof()
-        finally:
-            await conn.close()
+    resp = await cut_response(
+        up, "/_matrix/client/v3/sync",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"a\r\n0123456789\r\n",
+        b"5\r\nabc")  # half a chunk, then the upstream dies
+    assert resp.status == 200
+    assert resp.complete is False  # never a clean, short body
+    assert resp.body.startswith(b"0123456789")
 
 
 async def test_response_delimited_by_close_arrives_whole(up: Recorder) -> None:
