@@ -165,20 +165,9 @@ async def test_an_unexpected_failure_is_a_generic_500(
 
 
 def _unix_toml(up: Recorder, sock: str, trusted: str) -> str:
-    return f"""
-[upstream]
-url = "http://127.0.0.1:{up.port}"
-[log]
-access = "off"
-[forwarding]
-trusted_proxies = [{trusted}]
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:0"
-[[listeners]]
-name = "front"
-bind = "unix:{sock}"
-"""
+    return gate_toml(f"http://127.0.0.1:{up.port}", role=None,
+                     before=f"[forwarding]\ntrusted_proxies = [{trusted}]",
+                     extra=f'[[listeners]]\nname = "front"\nbind = "unix:{sock}"')
 
 
 FRONTEND_SENT = [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-Proto", "https"),
