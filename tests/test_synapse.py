@@ -117,7 +117,7 @@ class HsBase:
 
 
 def _gate_module() -> Any | None:
-    """tests.support.gate, or None when PALPO_GATE_E2E=direct (debugging the tests
+    """support.gate, or None when PALPO_GATE_E2E=direct (debugging the tests
     themselves against Synapse alone). The default always goes through the gate."""
     mode = os.environ.get("PALPO_GATE_E2E", "gate").lower()
     if mode not in ("gate", "direct"):
