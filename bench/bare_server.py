@@ -30,7 +30,7 @@ from aiohttp import web
 
 HOST = "127.0.0.1"
 BACKLOG = 4096  # as the gate's listeners
-# The fast upstream's /versions answer (bench/run.py VERSIONS_JSON); --body-file
+# The fast upstream's /versions answer (bench/palpo_bench/common.py VERSIONS_JSON); --body-file
 # gives the exact bytes the runner serves.
 DEFAULT_BODY = b'{"versions":["v1.11"]}'
 

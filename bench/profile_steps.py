@@ -29,7 +29,6 @@ processes it starts.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -42,359 +41,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from palpo_bench.steps import cmd_micro, cmd_minproxy, cmd_raw, cmd_serve
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 HOST = "127.0.0.1"
-
-# -- ablations: each replaces a step by a lookup of its result ----------------
-
-
-def _memo_method(cls: Any, name: str, key: Any) -> None:
-    """cls.name(...) computes once per key(*args) and then returns that result."""
-    real = getattr(cls, name)
-    seen: dict[Any, Any] = {}
-
-    def cached(self: Any, *args: Any) -> Any:
-        k = key(*args)
-        try:
-            return seen[k]
-        except KeyError:
-            out = seen[k] = real(self, *args)
-            return out
-
-    setattr(cls, name, cached)
-
-
-def _first_result(fn: Any) -> Any:
-    """fn computed on the first call; later calls return that result."""
-    seen: list[Any] = []
-
-    def first(*args: Any) -> Any:
-        if not seen:
-            seen.append(fn(*args))
-        return seen[0]
-
-    return first
-
-
-def _constant_for(fn: Any, name: bytes, value: bytes) -> Any:
-    """fn(headers, n), except that n == *name* gives *value* at once."""
-    def lookup(hs: Any, n: bytes) -> Any:
-        return value if n == name else fn(hs, n)
-
-    return lookup
-
-
-def ablate(names: list[str]) -> None:
-    from palpo_gate import headers, proxy, routing
-
-    for name in names:
-        if name == "route":
-            _memo_method(routing.Router, "decide", lambda method, target: (method, target))
-        elif name == "reqhead":
-            _memo_method(proxy.ListenerHandler, "_request_head",
-                         lambda request, method, target, client, rid: target)
-        elif name == "resphead":
-            headers.response_block = _first_result(headers.response_block)
-        elif name == "rid":
-            # A request id without looking for the client's, checking or making one.
-            headers.header_value = _constant_for(headers.header_value, b"x-request-id",
-                                                 headers.new_request_id())
-            headers.sane_request_id = lambda value: True
-        elif name == "protocol":
-            # aiohttp's own data_received instead of the head-timeout override
-            # (which also cancels the keep-alive timer on every request).
-            from aiohttp import web_protocol
-
-            from palpo_gate import server
-            server._HeadTimeoutProtocol.data_received = (  # type: ignore[method-assign]
-                web_protocol.RequestHandler.data_received)
-        elif name == "gcoff":
-            # The cyclic collector's whole share (an upper bound; not a change to make).
-            import gc
-
-            gc.disable()
-        elif name == "gcfreeze":
-            # Everything imported so far moves to the permanent generation:
-            # full collections no longer walk aiohttp's and the gate's modules.
-            import gc
-
-            import aiohttp.web  # noqa: F401
-
-            import palpo_gate.run
-            import palpo_gate.server  # noqa: F401
-            gc.collect()
-            gc.freeze()
-        else:
-            raise SystemExit(f"unknown ablation {name!r}")
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """The gate, with the named steps ablated."""
-    sys.path.insert(0, str(REPO_DIR))
-    ablate([a for a in args.ablate.split(",") if a])
-    from palpo_gate.cli import main
-
-    return main(["--config", args.config])
-
-
-# -- floors -------------------------------------------------------------------
-
-
-def cmd_raw(args: argparse.Namespace) -> int:
-    """uvloop + httptools, no aiohttp: the bytes bare's answer has, written at once."""
-    import httptools
-    import uvloop
-
-    body = Path(args.body_file).read_bytes()
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-              b"Date: Mon, 01 Dec 2026 00:00:00 GMT\r\nServer: Python/3.11 aiohttp/3.14.5\r\n"
-              b"\r\n%b" % (len(body), body))
-
-    class Raw(asyncio.Protocol):
-        def connection_made(self, transport: Any) -> None:
-            self.transport = transport
-            self.parser = httptools.HttpRequestParser(self)
-
-        def data_received(self, data: bytes) -> None:
-            self.parser.feed_data(data)
-
-        def on_message_complete(self) -> None:
-            self.transport.write(answer)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Raw, HOST, args.port, backlog=4096)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        print("raw ready", file=sys.stderr, flush=True)
-        await stop.wait()
-        server.close()
-
-    uvloop.run(main())
-    return 0
-
-
-def cmd_minproxy(args: argparse.Namespace) -> int:
-    """web.Server + the gate's pool and ProxiedResponse, no rule: a fixed request
-    head, the upstream's headers passed as one fixed block."""
-    sys.path.insert(0, str(REPO_DIR))
-    import uvloop
-    from aiohttp import web
-
-    from palpo_gate import config
-    from palpo_gate.response import ProxiedResponse
-    from palpo_gate.upstream import Pool
-
-    head = (b"GET /_matrix/client/versions HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
-            % (HOST.encode(), args.port))
-    block = b"Content-Type: application/json\r\n"
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        upstream = config.Upstream(url=f"http://{HOST}:{args.upstream_port}", kind="tcp",
-                                   host=HOST, port=args.upstream_port, path="")
-        pool = Pool(upstream, loop)
-
-        async def handler(request: web.BaseRequest) -> web.StreamResponse:
-            conn = await pool.acquire()
-            conn.begin(head_only=False)
-            conn.write(head)
-            while (fut := conn.wait_head(60.0)) is not None:
-                await fut
-            status, reason, _ = conn.head()
-            data = conn.take()
-            while not conn.drained():
-                if (fut := conn.wait_body(60.0)) is not None:
-                    await fut
-                data += conn.take()
-            out = ProxiedResponse(status, reason, block, len(data), False)
-            out.start(request)
-            out.send(data, last=True)
-            conn.finish(reusable=True)
-            return out
-
-        server = web.Server(handler, handler_cancellation=True, auto_decompress=False,
-                            access_log=None, keepalive_timeout=75.0)
-        srv = await loop.create_server(server, HOST, args.port, backlog=4096)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        print("minproxy ready", file=sys.stderr, flush=True)
-        await stop.wait()
-        srv.close()
-
-    uvloop.run(main())
-    return 0
-
-
-# -- micro-steps, in one process under callgrind -----------------------------
-
-
-def _self_control(what: str) -> None:
-    subprocess.run(["callgrind_control", what, str(os.getpid())], check=True,
-                   capture_output=True, timeout=120)
-
-
-def cmd_micro(args: argparse.Namespace) -> int:
-    """Ir per call of each step: zero, K calls, dump (callgrind_control on this
-    very process), minus an empty loop of K. Prints JSON on stdout."""
-    sys.path.insert(0, str(REPO_DIR))
-    sys.path.insert(0, str(BENCH_DIR))
-    import instructions
-    import uvloop
-    from aiohttp import web
-    from aiohttp.test_utils import make_mocked_request
-    from multidict import CIMultiDict
-
-    from palpo_gate import config, headers
-    from palpo_gate.accesslog import AccessLog
-    from palpo_gate.metrics import Registry
-    from palpo_gate.proxy import Generation, ListenerHandler, _Record
-    from palpo_gate.response import ProxiedResponse
-    from palpo_gate.upstream import Pool
-
-    cfg = config.load(args.config)
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    gen = Generation(cfg, loop, None)
-    handler = ListenerHandler(gen, cfg.listeners[0])
-    handler.bound((HOST, 8008))
-    target = "/_matrix/client/versions"
-    wrk_headers = CIMultiDict({"Host": f"{HOST}:8008"})
-
-    class Transport:  # what ProxiedResponse and aiohttp touch, nothing else
-        def write(self, data: bytes) -> None:
-            pass
-
-        def is_closing(self) -> bool:
-            return False
-
-        def get_write_buffer_size(self) -> int:
-            return 0
-
-        def get_extra_info(self, name: str, default: Any = None) -> Any:
-            return (HOST, 40000) if name == "peername" else default
-
-    class Writer:
-        output_size = 0
-        buffer_size = 0
-
-    transport, writer = Transport(), Writer()
-    request = make_mocked_request("GET", target, headers=wrk_headers, transport=transport,
-                                  writer=writer, loop=loop)
-    raw = request.raw_headers
-    upstream_head = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
-                     b"Date: Mon, 01 Dec 2026 00:00:00 GMT\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 240\r\n"
-                     b"Connection: keep-alive\r\n\r\n") + b"x" * 240
-    pool = Pool(cfg.upstream, loop)
-    from palpo_gate.upstream import Connection
-
-    class _T:
-        def write(self, data: bytes) -> None:
-            pass
-
-        def is_closing(self) -> bool:
-            return False
-
-    conn = Connection(pool)
-    conn.transport = _T()  # type: ignore[assignment]
-    pool._all.add(conn)
-    pool._release(conn)  # idle in the pool, as between two requests
-    up_headers = [(b"Server", b"nginx/1.22.1"), (b"Date", b"Mon, 01 Dec 2026 00:00:00 GMT"),
-                  (b"Content-Type", b"application/json"), (b"Content-Length", b"240"),
-                  (b"Connection", b"keep-alive")]
-    rid = headers.new_request_id()
-    metrics = Registry([cfg.listeners[0].name])
-    access = AccessLog("plain")
-    rec = _Record()
-    rec.upstream_status, rec.bytes_out = 200, 240
-    resp_for_log = web.Response(status=200)
-    body = b"x" * 240
-    block, _ = headers.response_block(up_headers, gen.rid_name, rid)
-
-    def exchange() -> None:
-        c = pool._idle.pop() if pool._idle else conn
-        c._in_exchange = False
-        c.begin(head_only=False)
-        c.write(b"GET / HTTP/1.1\r\n\r\n")
-        c.data_received(upstream_head)
-        c.wait_head(60.0)
-        c.head()
-        c.take()
-        c.drained()
-        c.finish(reusable=True)
-
-    def proxied() -> None:
-        out = ProxiedResponse(200, b"OK", block, 240, False)
-        out.start(request)
-        out.send(body, last=True)
-
-    def deadline() -> None:
-        fut = loop.create_future()
-        key = pool.deadlines.add(fut, 60.0, "upstream did not answer in time")
-        pool.deadlines.remove(key, fut)
-
-    def web_response() -> None:
-        web.Response(body=body, content_type="application/json")
-
-    async def acquire_coro() -> None:
-        c = await pool.acquire()
-        pool._release(c)
-
-    def pool_checkout() -> None:
-        co = acquire_coro()
-        try:
-            co.send(None)
-        except StopIteration:
-            pass
-
-    steps = {
-        "empty": lambda: None,
-        "route: Router.decide": lambda: handler.router.decide("GET", target),
-        "request id: header_value + sane + new": lambda: (
-            headers.sane_request_id(headers.header_value(raw, gen.rid_lower))
-            or headers.new_request_id()),
-        "request head: ListenerHandler._request_head": lambda: handler._request_head(
-            request, "GET", target, HOST, rid),
-        "request head: build_request_head only": lambda: headers.build_request_head(
-            b"GET", target.encode(), raw, client_addr=HOST, peer_trusted=False,
-            proto=b"http", host=b"127.0.0.1:8008", request_id_name=gen.rid_name,
-            request_id=rid, framing=b""),
-        "response head: response_block": lambda: headers.response_block(
-            up_headers, gen.rid_name, rid),
-        "pool checkout: acquire coroutine + release": pool_checkout,
-        "upstream exchange: begin/write/parse (httptools)/take/finish": exchange,
-        "client write: ProxiedResponse init+start+send": proxied,
-        "(bare) web.Response(body, content_type)": web_response,
-        "client write, part: StreamResponse.__init__": lambda: web.StreamResponse(status=200),
-        "upstream wait: create_future + Deadlines.add/remove": deadline,
-        "metrics: Registry.observe": lambda: metrics.observe("plain", "forward", 200, 0.001,
-                                                             0, 240),
-        "access log: AccessLog.line": lambda: access.line(request, "plain", HOST, rec,
-                                                          time.monotonic(), rid,
-                                                          resp_for_log),
-        "record: _Record() + 2x time.monotonic": lambda: (_Record(), time.monotonic(),
-                                                          time.monotonic()),
-    }
-    k = args.k
-    out: dict[str, float] = {}
-    out_file = Path(args.out_file)
-    for name, fn in steps.items():
-        for _ in range(200):  # warm: the adaptive interpreter specialises
-            fn()
-        _self_control("-z")
-        for _ in range(k):
-            fn()
-        _self_control("-d")
-        part = instructions.dump_parts(out_file)[-1]
-        out[name] = instructions.dump_summary(part) / k
-    base = out.pop("empty")
-    result = {name: round(v - base, 1) for name, v in out.items()}
-    result["_empty_loop"] = round(base, 1)
-    print(json.dumps(result))
-    return 0
-
 
 # -- the driver -----------------------------------------------------------------
 
@@ -461,21 +112,23 @@ def syscalls(instructions: Any, start: Any, n: int, conns: int, tmp: Path) -> di
             "total_per_request": round(sum(calls.values()), 3)}
 
 
-def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, out: Path) -> dict[str, Any]:
+def pyspy_profile(ctx: Any, start: Any, seconds: int, out: Path) -> dict[str, Any]:
     """py-spy (sampling, --nonblocking) on the gate under wrk -c64: the share of
     samples in each step (inclusive), and the top functions by own samples."""
     import shutil
+
+    from palpo_bench import common, wrk
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     svc = start([])
     try:
         port = svc.ports["plain"]
-        run.run_wrk(ctx, run.url(port, run.VERSIONS_PATH), 2, 64)
+        wrk.run_wrk(ctx, wrk.url(port, common.VERSIONS_PATH), 2, 64)
         spy_proc = subprocess.Popen([spy, "record", "--nonblocking", "-r", "400", "-d",
                                      str(seconds), "-f", "raw", "-o", str(out), "--pid",
                                      str(svc.pid)], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
-        run.run_wrk(ctx, run.url(port, run.VERSIONS_PATH), seconds + 2, 64)
+        wrk.run_wrk(ctx, wrk.url(port, common.VERSIONS_PATH), seconds + 2, 64)
         _, err = spy_proc.communicate(timeout=60)
         if not out.exists():
             raise RuntimeError(f"py-spy wrote nothing: {err[-1000:]}")
@@ -512,21 +165,22 @@ def pyspy_profile(run: Any, ctx: Any, start: Any, seconds: int, out: Path) -> di
 def drive(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(BENCH_DIR))
     import instructions
-    import run
+    from palpo_bench import arms, cli, common, procs
+    from palpo_bench import tools as bench_tools
 
     only = args.only.split(",") if args.only else list(VARIANTS)
     bad = [v for v in only if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {','.join(VARIANTS)}")
-    rargs = run.parse_args(["--rounds", "0", "--instructions", str(args.requests),
+    rargs = cli.parse_args(["--rounds", "0", "--instructions", str(args.requests),
                             "--no-install"])
-    tools = run.ensure_tools(False, instructions=True)
-    fd_limit = run.raise_fd_limit()
-    cpu_load, cpu_proxy, _ = run.choose_cpus(rargs)
+    tools = bench_tools.ensure_tools(False, instructions=True)
+    fd_limit = bench_tools.raise_fd_limit()
+    cpu_load, cpu_proxy, _ = cli.choose_cpus(rargs)
     tmp = Path(tempfile.mkdtemp(prefix="palpo-profile-"))
-    cert, key = run.make_cert(tmp, tools["openssl"])
-    ctx = run.Ctx(rargs, run.choose_mode(rargs), tools, tmp, cert, key, run.make_upload_lua(tmp),
-                  cpu_load, cpu_proxy, fd_limit)
+    cert, key = arms.make_cert(tmp, tools["openssl"])
+    ctx = arms.Ctx(rargs, cli.choose_mode(rargs), tools, tmp, cert, key,
+                   arms.make_upload_lua(tmp), cpu_load, cpu_proxy, fd_limit)
     me = [sys.executable, str(Path(__file__).resolve())]
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO_DIR)}
     results: dict[str, Any] = {}
@@ -537,17 +191,17 @@ def drive(args: argparse.Namespace) -> int:
             workdir = tmp / f"gate-{ctx.starts}"
             ctx.starts += 1
             workdir.mkdir()
-            ports = {"plain": run.free_port(), "tls": run.free_port()}
-            toml = run.gate_toml(ctx, ctx.upstream.ports["plain"], ports)
+            ports = {"plain": procs.free_port(), "tls": procs.free_port()}
+            toml = arms.gate_toml(ctx, ctx.upstream.ports["plain"], ports)
             if access:
                 toml = toml.replace('access = "off"', 'access = "plain"')
             if metrics:
-                toml += f'\n[metrics]\nbind = "{HOST}:{run.free_port()}"\n'
+                toml += f'\n[metrics]\nbind = "{HOST}:{procs.free_port()}"\n'
             conf = workdir / "gate.toml"
             conf.write_text(toml)
-            svc = run.launch("gate", [*run.pin(cpu_proxy), *prefix, *me, "serve", "--ablate",
-                                      ablations, "--config", str(conf)], workdir, ports, env=env)
-            run.wait_ready(svc, run.log_says(workdir / "stderr.log", "palpo-gate ready"), 600)
+            svc = procs.launch("gate", [*procs.pin(cpu_proxy), *prefix, *me, "serve", "--ablate",
+                                        ablations, "--config", str(conf)], workdir, ports, env=env)
+            procs.wait_ready(svc, procs.log_says(workdir / "stderr.log", "palpo-gate ready"), 600)
             return svc
         return start
 
@@ -557,20 +211,20 @@ def drive(args: argparse.Namespace) -> int:
             workdir = tmp / f"{kind}-{ctx.starts}"
             ctx.starts += 1
             workdir.mkdir()
-            ports = {"plain": run.free_port()}
-            cmd = [*run.pin(cpu_proxy), *prefix, *me, kind, "--port", str(ports["plain"])]
+            ports = {"plain": procs.free_port()}
+            cmd = [*procs.pin(cpu_proxy), *prefix, *me, kind, "--port", str(ports["plain"])]
             if kind == "raw":
-                cmd += ["--body-file", str(run.versions_body(tmp))]
+                cmd += ["--body-file", str(arms.versions_body(tmp))]
             else:
                 cmd += ["--upstream-port", str(ctx.upstream.ports["plain"])]
-            svc = run.launch(kind, cmd, workdir, ports, env=env)
-            run.wait_ready(svc, run.log_says(workdir / "stderr.log", f"{kind} ready"), 600)
+            svc = procs.launch(kind, cmd, workdir, ports, env=env)
+            procs.wait_ready(svc, procs.log_says(workdir / "stderr.log", f"{kind} ready"), 600)
             return svc
         return start
 
     starters = {
         "raw": floor("raw"),
-        "bare": lambda p: run.start_bare(ctx, p, ready_s=600),
+        "bare": lambda p: arms.start_bare(ctx, p, ready_s=600),
         "minproxy": floor("minproxy"),
         "gate": gate_variant(""),
         "gate-route": gate_variant("route"),
@@ -587,7 +241,7 @@ def drive(args: argparse.Namespace) -> int:
         "gate+access": gate_variant("", access=True),
     }
     try:
-        run.start_upstreams(ctx)
+        arms.start_upstreams(ctx)
         for name in only:
             if name.startswith("syscalls-"):
                 results[name] = syscalls(instructions, starters[name.split("-", 1)[1]],
@@ -595,18 +249,18 @@ def drive(args: argparse.Namespace) -> int:
                 continue
             if name in ("py-spy", "py-spy-bare"):
                 starter = starters["gate" if name == "py-spy" else "bare"]
-                results[name] = pyspy_profile(run, ctx, starter, args.seconds,
+                results[name] = pyspy_profile(ctx, starter, args.seconds,
                                               tmp / f"{name}.txt")
                 continue
             if name == "micro":
                 continue
-            subject = instructions.Subject(name, starters[name], run.VERSIONS_PATH)
+            subject = instructions.Subject(name, starters[name], common.VERSIONS_PATH)
             results[name] = instructions.measure_callgrind(
                 subject, tmp / "callgrind", args.requests, args.conns,
-                max(200, args.requests // 5), 3, run.log)
+                max(200, args.requests // 5), 3, common.log)
         if "micro" in only:
             conf = tmp / "micro.toml"
-            conf.write_text(run.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443}))
+            conf.write_text(arms.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443}))
             out_file = tmp / "callgrind" / "callgrind.micro"
             out_file.parent.mkdir(exist_ok=True)
             proc = subprocess.run([*instructions.callgrind_prefix(out_file), *me, "micro",
@@ -617,14 +271,14 @@ def drive(args: argparse.Namespace) -> int:
                 raise RuntimeError(f"micro failed: {proc.stderr[-3000:]}")
             results["micro"] = json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
-        for svc in list(reversed(run.STARTED)):
-            run.stop_service(svc)
+        for svc in list(reversed(procs.STARTED)):
+            procs.stop_service(svc)
         if not args.keep_tmp:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            run.log(f"temp dir kept: {tmp}")
+            common.log(f"temp dir kept: {tmp}")
     now = dt.datetime.now(dt.UTC).astimezone()
     out = {"date": now.isoformat(timespec="seconds"), "requests": args.requests,
            "connections": args.conns, "results": results}
@@ -646,7 +300,7 @@ def drive(args: argparse.Namespace) -> int:
         ir = r["ir_per_request"]
         diff = f"{ir - gate:+10,.0f} vs gate" if gate else ""
         print(f"{name:<30} {ir:>10,.0f} Ir/request  {diff}")
-    run.log(f"written: {path}")
+    common.log(f"written: {path}")
     return 0
 
 

@@ -1,55 +1,31 @@
-"""Fixtures shared by the socket tests: a gate running in the test's event loop
-(the same Gate class ``palpo-gate`` runs), a recording upstream, TLS material."""
+"""Fixtures shared by the tests: a recording upstream, TLS material, and the
+Hypothesis profiles. The helpers live in the ``support`` package (tests/ is on
+sys.path: pyproject's ``pythonpath``); this file holds only fixtures."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, settings
+from support.recorder import Recorder, recorder
+from support.tls import write_tls_files
 
-from palpo_gate import config as configmod
-from palpo_gate.server import Gate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def running_gate(toml: str) -> AsyncIterator[Gate]:
-    """Start a gate on *toml* (listeners may bind port 0) and stop it after."""
-    cfg = configmod.loads(toml)
-    gate = Gate(cfg)
-    await gate.start()
-    try:
-        yield gate
-    finally:
-        await gate.close(0)
+# Property tests: a modest example count in CI (the default), a larger one on
+# demand with ``--hypothesis-profile=thorough``.
+settings.register_profile("ci", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=10000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
 
 
-def port_of(gate: Gate, name: str = "main") -> int:
-    return int(gate.addresses()[name][1])
-
-
-def gate_toml(upstream: str, *, extra: str = "", listener: str = "", role: str = "client") -> str:
-    """A one-listener config on 127.0.0.1:0 named "main"."""
-    return f"""
-[upstream]
-url = "{upstream}"
-[log]
-access = "off"
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:0"
-role = "{role}"
-{listener}
-{extra}
-"""
+@pytest.fixture
+async def up() -> AsyncIterator[Recorder]:
+    """A recording upstream on a loopback TCP port."""
+    async with recorder() as rec:
+        yield rec
 
 
 @pytest.fixture(scope="session")
@@ -60,18 +36,4 @@ def ca() -> trustme.CA:
 @pytest.fixture(scope="session")
 def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Two certificates: "default" for localhost/127.0.0.1, "other" for other.test."""
-    d = tmp_path_factory.mktemp("tls")
-    out: dict[str, str] = {}
-    for name, hosts in (("default", ["localhost", "127.0.0.1", "matrix.test"]),
-                        ("other", ["other.test"])):
-        cert = ca.issue_cert(*hosts)
-        cert.private_key_pem.write_to_path(str(d / f"{name}.key"))
-        cert.cert_chain_pems[0].write_to_path(str(d / f"{name}.crt"))
-        with open(d / f"{name}.crt", "ab") as f:
-            for pem in cert.cert_chain_pems[1:]:
-                f.write(pem.bytes())
-        out[f"{name}_cert"] = str(d / f"{name}.crt")
-        out[f"{name}_key"] = str(d / f"{name}.key")
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    out["ca"] = str(d / "ca.pem")
-    return out
+    return write_tls_files(ca, tmp_path_factory.mktemp("tls"))

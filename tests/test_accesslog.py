@@ -22,13 +22,13 @@ from datetime import datetime
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from conftest import free_port
+from support.gate import gate_toml, run_gate
+from support.net import free_port
+from support.recorder import Recorder, recorder
 from test_metrics import parse, values
 
 from palpo_gate import accesslog, logpipe
 from palpo_gate.accesslog import AccessLog, escape, escape_bare, redact_target
-from tests.support.gate import run_gate
-from tests.support.recorder import Recorder, recorder
 
 R = "<redacted>"
 
@@ -384,17 +384,8 @@ def threaded_recorder() -> Iterator[Recorder]:
 
 
 def gate_config(upstream_port: int, port: int, access: str) -> str:
-    return f"""
-[upstream]
-url = "http://127.0.0.1:{upstream_port}"
-[log]
-level = "info"
-access = "{access}"
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:{port}"
-role = "client"
-"""
+    return gate_toml(f"http://127.0.0.1:{upstream_port}", bind=f"127.0.0.1:{port}",
+                     access=access, log='level = "info"')
 
 
 def fetch(conn: http.client.HTTPConnection, method: str, target: str,

@@ -14,13 +14,11 @@ import pathlib
 import subprocess
 import sys
 
+import instructions  # bench/ is on sys.path (pyproject's pythonpath)
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNNER = REPO / "bench" / "run.py"
-sys.path.insert(0, str(REPO / "bench"))
-
-import instructions  # noqa: E402
 
 
 @pytest.mark.timeout(300)

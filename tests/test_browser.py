@@ -27,15 +27,16 @@ from typing import IO
 
 import pytest
 from aiohttp import web
-from conftest import free_port, port_of
+from support.client import Conn, Resp, fetch, get
+from support.gate import gate_toml, port_of
+from support.net import free_port
+from support.recorder import recorder
 
 from palpo_gate import config as configmod
 from palpo_gate.errors import error_body
 from palpo_gate.metrics import Registry
 from palpo_gate.server import Gate
 from palpo_gate.wellknown import CORS_HEADERS
-from tests.support.client import Conn, Resp, fetch, get
-from tests.support.recorder import recorder
 
 PREFLIGHT = ("Origin: http://app.example\r\n"
              "Access-Control-Request-Method: GET\r\n"
@@ -44,23 +45,9 @@ PREFLIGHT = ("Origin: http://app.example\r\n"
 
 def toml(upstream: str, *, access: str = "off", main: str = "", extra: str = "") -> str:
     """A client listener "main" and a federation listener "fed", both on port 0."""
-    return f"""
-[upstream]
-url = "{upstream}"
-connect_timeout = "2s"
-[log]
-access = "{access}"
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:0"
-role = "client"
-{main}
-[[listeners]]
-name = "fed"
-bind = "127.0.0.1:0"
-role = "federation"
-{extra}
-"""
+    return gate_toml(upstream, upstream_keys='connect_timeout = "2s"', access=access,
+                     listener=main, extra='[[listeners]]\nname = "fed"\nbind = "127.0.0.1:0"\n'
+                     f'role = "federation"\n{extra}')
 
 
 @contextlib.asynccontextmanager

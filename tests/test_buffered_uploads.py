@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
 
 import pytest
-from conftest import gate_toml, port_of, running_gate
-from support.client import Conn
-from support.recorder import Recorder, Req, recorder, response
+from support.client import Conn, chunk, raw
+from support.gate import gate_toml, port_of, running_gate
+from support.recorder import Recorder, Req, count_handler, response
 
 from palpo_gate import spool
 from palpo_gate.routing import media_upload
@@ -74,24 +73,7 @@ def test_with_length_adds_the_last_field() -> None:
 # -- over sockets --------------------------------------------------------------------------
 
 
-def raw(method: str, target: str, headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: gate.test"]
-    lines += [f"{n}: {v}" for n, v in headers or []]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n" % len(data) + data + b"\r\n"
-
-
 CHUNKED = [("Transfer-Encoding", "chunked"), ("Content-Type", "application/octet-stream")]
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 def config(up: Recorder, buffer: bool = True, limits: str = "") -> str:
@@ -356,24 +338,13 @@ async def test_50mib_upload_is_collected_with_flat_memory(up: Recorder) -> None:
     size = 50 * MiB
     peak = 0
 
-    async def count(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        length = int(req.header("content-length") or 0)
-        got = 0
-        while got < length:
-            data = await reader.read(min(MiB, length - got))
-            if not data:
-                return
-            got += len(data)
-        writer.write(response(200, b"%d" % got))
-
     async def sample() -> None:
         nonlocal peak
         while True:
             peak = max(peak, rss_bytes())
             await asyncio.sleep(0.01)
 
-    up.handler = count
+    up.handler = count_handler
     block = chunk(bytes(range(256)) * 256)  # 64 KiB of data per chunk
     async with running_gate(config(up, limits='max_body_size = "50M"')) as gate:
         conn = await Conn.open(port_of(gate))

@@ -25,12 +25,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import free_port
+from support.gate import GateProcess, gate_toml, run_gate, spawn
+from support.net import free_port
+from support.upstream_thread import ThreadedUpstream, UpReq
 
 from palpo_gate import __version__
 from palpo_gate import config as configmod
-from tests.support.gate import GateProcess, run_gate, spawn
-from tests.support.upstream_thread import ThreadedUpstream, UpReq
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "palpo-gate")
 COMMANDS = {
@@ -79,19 +79,8 @@ def upstream() -> Iterator[ThreadUpstream]:
 
 
 def gate_config(upstream_port: int, port: int, extra: str = "") -> str:
-    return f"""
-[server]
-drain_timeout = "10s"
-[upstream]
-url = "http://127.0.0.1:{upstream_port}"
-[log]
-access = "off"
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:{port}"
-role = "client"
-{extra}
-"""
+    return gate_toml(f"http://127.0.0.1:{upstream_port}", bind=f"127.0.0.1:{port}",
+                     server='drain_timeout = "10s"', extra=extra)
 
 
 def http_get(port: int, target: str, timeout: float = 10) -> tuple[int, bytes]:

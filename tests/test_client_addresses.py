@@ -19,10 +19,10 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import free_port, gate_toml, port_of
 from support.client import Conn, Resp
-from support.gate import run_gate
-from support.recorder import Recorder, recorder
+from support.gate import gate_toml, port_of, run_gate
+from support.net import free_port
+from support.recorder import Recorder
 from support.upstream_thread import threaded_upstream
 
 from palpo_gate import config as configmod
@@ -41,12 +41,6 @@ def post(target: str, extra: str = "") -> bytes:
 
 def get(target: str, extra: str = "") -> bytes:
     return f"GET {target} HTTP/1.1\r\nHost: gate.test\r\n{extra}\r\n".encode()
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 @contextlib.asynccontextmanager

@@ -13,6 +13,7 @@ import ipaddress
 import pathlib
 import re
 import tomllib
+from collections.abc import Callable
 
 import pytest
 import trustme
@@ -174,12 +175,6 @@ BAD_BINDS = [
 ]
 
 
-@pytest.mark.parametrize("raw", BAD_BINDS, ids=[repr(r) for r in BAD_BINDS])
-def test_parse_bind_refuses(raw: object) -> None:
-    with pytest.raises(ValueError):
-        parse_bind(raw)
-
-
 UPSTREAMS = [
     ("http://127.0.0.1:8008", ("tcp", "127.0.0.1", 8008, "")),
     ("http://127.0.0.1:8008/", ("tcp", "127.0.0.1", 8008, "")),
@@ -212,10 +207,13 @@ BAD_UPSTREAMS = [
 ]
 
 
-@pytest.mark.parametrize("raw", BAD_UPSTREAMS, ids=[repr(r) for r in BAD_UPSTREAMS])
-def test_parse_upstream_url_refuses(raw: object) -> None:
+@pytest.mark.parametrize(("parse", "raw"), [
+    *[pytest.param(parse_bind, raw, id=f"bind {raw!r}") for raw in BAD_BINDS],
+    *[pytest.param(parse_upstream_url, raw, id=f"upstream {raw!r}") for raw in BAD_UPSTREAMS]])
+def test_parse_bind_and_upstream_url_refuse(parse: Callable[[object], object],
+                                            raw: object) -> None:
     with pytest.raises(ValueError):
-        parse_upstream_url(raw)
+        parse(raw)
 
 
 # -- loads(): one bad document, one error, with its key path ----------------------------

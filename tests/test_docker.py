@@ -6,6 +6,7 @@ swapped for test ones."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,7 +25,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import free_port
+from support.net import free_port
+from support.notify import notify_socket
 
 from palpo_gate import config as configmod
 
@@ -381,18 +383,26 @@ class ImageProcess:
     def __init__(self, argv: list[str], env: dict[str, str], workdir: pathlib.Path) -> None:
         self.stdout = workdir / "stdout"
         self.stderr = workdir / "stderr"
+        # Ready is the READY=1 the gate sends to systemd, not a log line.
+        self._notify = contextlib.ExitStack()
+        self.notify = self._notify.enter_context(notify_socket(workdir))
+        env = {**env, "NOTIFY_SOCKET": self.notify.path}
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while "palpo-gate ready" not in self.stderr.read_text(errors="replace"):
+        while not any(d.has("READY=1") for d in self.notify.datagrams()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise AssertionError("gate did not start:\n" + self.stderr.read_text())
             time.sleep(0.05)
 
     def stop(self) -> int:
+        with self._notify:
+            return self._stop()
+
+    def _stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -31,20 +31,20 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
-from conftest import free_port, running_gate
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from dnslib import QTYPE, RCODE, RR, SRV, A, DNSRecord
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
+from support.gate import run_gate, running_gate
+from support.net import free_port
+from support.synapse import SynapseServer, run_synapse
 from yarl import URL
 
 from palpo_gate import doctor
 from palpo_gate.doctor import checks
 from palpo_gate.doctor.checks import Result
-from tests.support.gate import run_gate
-from tests.support.synapse import SynapseServer, run_synapse
 
 SERVER_NAME = "example.test"
 DELEGATED = "matrix.example.test"

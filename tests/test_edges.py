@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from conftest import gate_toml, port_of, running_gate
 from support.client import Conn, fetch, get
+from support.gate import gate_toml, port_of, running_gate
 from support.recorder import Recorder, Req, recorder, response
 from test_forwarding import DropOnReuse, assert_matrix_error, raw
 

@@ -12,15 +12,14 @@ import asyncio
 import gzip
 import json
 import re
-import socket
 import ssl
-from collections.abc import AsyncIterator
 
 import pytest
 import targets
-from conftest import gate_toml, port_of, running_gate
-from support.client import Conn, Resp, fetch, get
-from support.recorder import Recorder, Req, echo_handler, recorder, response
+from support.client import Conn, Resp, fetch, get, raw
+from support.gate import gate_toml, port_of, running_gate
+from support.net import free_port as closed_port
+from support.recorder import Recorder, Req, echo_handler, recorder, response, up_url
 
 FORWARD = [t for t, action, _ in targets.TARGETS if action == targets.F]
 LOCAL = [(t, action) for t, action, _ in targets.TARGETS if action != targets.F]
@@ -28,27 +27,6 @@ ADMIN = [t for t, action, _ in targets.TARGETS if action == targets.ADMIN]
 LOCAL_STATUS = {targets.ADMIN: 403, targets.BAD: 400, targets.NF: 404, targets.HEALTH: 200}
 
 SANE_RID = re.compile(rb"^[A-Za-z0-9._:/+=@-]{1,128}$")
-
-
-def raw(method: str, target: str | bytes, headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"", host: str | None = "gate.test") -> bytes:
-    """A request exactly as given (no header is added but Host)."""
-    t = target.encode("latin-1") if isinstance(target, str) else target
-    lines = [method.encode() + b" " + t + b" HTTP/1.1"]
-    if host is not None:
-        lines.append(b"Host: " + host.encode())
-    lines += [f"{n}: {v}".encode("latin-1") for n, v in headers or []]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-def up_url(up: Recorder) -> str:
-    return f"unix:{up.path}" if up.path else f"http://127.0.0.1:{up.port}"
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 def assert_matrix_error(resp: Resp, status: int, errcode: str = "M_UNKNOWN") -> None:
@@ -497,9 +475,9 @@ class DropOnReuse:
         writer.write(response(200, b"answer " + req.target))
 
 
-@pytest.mark.parametrize("how", ["close", "abort"])
-async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(
-        up: Recorder, how: str) -> None:
+async def second_on_a_dropped_reuse(up: Recorder, how: str, second: bytes) -> Resp:
+    """The response to *second*, sent on the connection a GET was answered on,
+    when the upstream drops its reused connection (*how*) unanswered, once."""
     dropper = DropOnReuse(how)
     up.handler = dropper
     async with running_gate(gate_toml(up_url(up))) as gate:
@@ -507,36 +485,34 @@ async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(
         try:
             resp = await conn.request(get("/_matrix/first"))
             assert resp.status == 200
-            resp = await conn.request(get("/_matrix/second"))
-            assert resp.status == 200, resp
+            resp = await conn.request(second)
         finally:
             await conn.close()
-        assert dropper.dropped == 1
-        targets_seen = [r.target for r in up.requests]
-        assert targets_seen == [b"/_matrix/first", b"/_matrix/second", b"/_matrix/second"]
-        assert up.connections == 2
+    assert dropper.dropped == 1
+    return resp
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_get_on_a_reused_connection_dropped_unanswered_is_retried(
+        up: Recorder, how: str) -> None:
+    resp = await second_on_a_dropped_reuse(up, how, get("/_matrix/second"))
+    assert resp.status == 200, resp
+    targets_seen = [r.target for r in up.requests]
+    assert targets_seen == [b"/_matrix/first", b"/_matrix/second", b"/_matrix/second"]
+    assert up.connections == 2
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])
 async def test_post_with_consumed_body_dropped_unanswered_is_not_retried(
         up: Recorder, how: str) -> None:
-    dropper = DropOnReuse(how)
-    up.handler = dropper
-    async with running_gate(gate_toml(up_url(up))) as gate:
-        conn = await Conn.open(port_of(gate))
-        try:
-            resp = await conn.request(get("/_matrix/first"))
-            assert resp.status == 200
-            body = b'{"body":"send me once"}'
-            resp = await conn.request(raw("POST", "/_matrix/client/v3/rooms/r/send/m/t1", [
-                ("Content-Length", str(len(body)))], body))
-        finally:
-            await conn.close()
-        assert dropper.dropped == 1
-        assert_matrix_error(resp, 502)
-        posts = [r for r in up.requests if r.method == b"POST"]
-        assert len(posts) == 1
-        assert posts[0].body == body
+    body = b'{"body":"send me once"}'
+    resp = await second_on_a_dropped_reuse(
+        up, how, raw("POST", "/_matrix/client/v3/rooms/r/send/m/t1",
+                     [("Content-Length", str(len(body)))], body))
+    assert_matrix_error(resp, 502)
+    posts = [r for r in up.requests if r.method == b"POST"]
+    assert len(posts) == 1
+    assert posts[0].body == body
 
 
 # ---------------------------------------------------------------------------
@@ -587,14 +563,6 @@ role = "client"
 # Upstream failures
 
 
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 async def test_refused_upstream_is_a_matrix_502() -> None:
     async with running_gate(gate_toml(f"http://127.0.0.1:{closed_port()}")) as gate:
         resp = await fetch(port_of(gate), get("/_matrix/client/versions",
@@ -630,56 +598,50 @@ async def test_silent_upstream_is_a_matrix_504(up: Recorder) -> None:
             await closed.wait()  # the timed-out upstream connection was closed
 
 
-async def test_upstream_cut_mid_response_closes_the_client(up: Recorder) -> None:
-    async def short(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
+async def cut_response(up: Recorder, target: str, *pieces: bytes) -> Resp:
+    """The client's response when the upstream sends *pieces* (a pause after
+    each) and then dies; the gate must have closed the client connection."""
+    async def cut(req: Req, reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
         await req.read_body(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                     b"Content-Length: 1000\r\n\r\n" + b"0123456789")
-        await writer.drain()
-        await asyncio.sleep(0.05)
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
         writer.transport.abort()
 
-    up.handler = short
+    up.handler = cut
     async with running_gate(gate_toml(up_url(up))) as gate:
         conn = await Conn.open(port_of(gate))
         try:
-            await conn.send(get("/_matrix/media/x"))
+            await conn.send(get(target))
             resp = await conn.read_response()
-            assert resp.status == 200
-            assert resp.header("Content-Length") == "1000"
-            assert resp.complete is False
-            assert resp.body == b"0123456789"
             assert conn.reader.at_eof()  # the gate closed the client connection
+            return resp
         finally:
             await conn.close()
+
+
+async def test_upstream_cut_mid_response_closes_the_client(up: Recorder) -> None:
+    resp = await cut_response(
+        up, "/_matrix/media/x",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: 1000\r\n\r\n" + b"0123456789")
+    assert resp.status == 200
+    assert resp.header("Content-Length") == "1000"
+    assert resp.complete is False
+    assert resp.body == b"0123456789"
 
 
 async def test_upstream_cut_mid_chunked_response_closes_the_client(up: Recorder) -> None:
-    async def short(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        await req.read_body(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n" + b"a\r\n0123456789\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.write(b"5\r\nabc")  # half a chunk, then the upstream dies
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.transport.abort()
-
-    up.handler = short
-    async with running_gate(gate_toml(up_url(up))) as gate:
-        conn = await Conn.open(port_of(gate))
-        try:
-            await conn.send(get("/_matrix/client/v3/sync"))
-            resp = await conn.read_response()
-            assert resp.status == 200
-            assert resp.complete is False  # never a clean, short body
-            assert resp.body.startswith(b"0123456789")
-            assert conn.reader.at_eof()
-        finally:
-            await conn.close()
+    resp = await cut_response(
+        up, "/_matrix/client/v3/sync",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"a\r\n0123456789\r\n",
+        b"5\r\nabc")  # half a chunk, then the upstream dies
+    assert resp.status == 200
+    assert resp.complete is False  # never a clean, short body
+    assert resp.body.startswith(b"0123456789")
 
 
 async def test_response_delimited_by_close_arrives_whole(up: Recorder) -> None:

@@ -14,10 +14,9 @@ import json
 import re
 
 import pytest
-from conftest import gate_toml, port_of, running_gate
-
-from tests.support.client import Conn, Resp, fetch, get
-from tests.support.recorder import Req, recorder
+from support.client import Conn, Resp, fetch, get
+from support.gate import gate_toml, port_of, running_gate
+from support.recorder import Req, recorder
 
 CORS = {
     "access-control-allow-origin": "*",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import running_gate
 from support.client import Conn, fetch, get
+from support.gate import gate_toml, running_gate
 from support.recorder import recorder
 
 TWO_LISTENERS = """
@@ -56,17 +56,8 @@ async def test_roles_decide_the_forwarded_prefixes_per_listener() -> None:
 
 async def test_ipv6_listener_and_ipv6_upstream_forward_byte_exact() -> None:
     async with recorder(host="::1") as up:
-        toml = f"""
-[upstream]
-url = "http://[::1]:{up.port}"
-[log]
-access = "off"
-[admin]
-allow_from = ["::1"]
-[[listeners]]
-name = "v6"
-bind = "[::1]:0"
-"""
+        toml = gate_toml(f"http://[::1]:{up.port}", name="v6", bind="[::1]:0", role=None,
+                         before='[admin]\nallow_from = ["::1"]')
         async with running_gate(toml) as g:
             port = g.addresses()["v6"][1]
             conn = await Conn.open(port, host="::1")
@@ -88,17 +79,8 @@ bind = "[::1]:0"
 
 async def test_ipv4_client_is_not_in_an_ipv6_allow_list() -> None:
     async with recorder() as up:
-        toml = f"""
-[upstream]
-url = "http://127.0.0.1:{up.port}"
-[log]
-access = "off"
-[admin]
-allow_from = ["::1"]
-[[listeners]]
-name = "v4"
-bind = "127.0.0.1:0"
-"""
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", name="v4", role=None,
+                         before='[admin]\nallow_from = ["::1"]')
         async with running_gate(toml) as g:
             r = await fetch(g.addresses()["v4"][1], get("/_palpo/admin/x"))
             assert r.status == 403

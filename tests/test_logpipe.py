@@ -24,13 +24,13 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from conftest import free_port
+from support.gate import gate_toml, run_gate
+from support.net import free_port
+from support.upstream_thread import threaded_upstream
 from test_metrics import parse, values
 
 from palpo_gate import logpipe, metrics
 from palpo_gate.logpipe import LogPipe
-from tests.support.gate import run_gate
-from tests.support.upstream_thread import threaded_upstream
 
 F_GETPIPE_SZ = 1032
 
@@ -237,19 +237,9 @@ def test_dropped_lines_are_a_counter_summed_across_workers() -> None:
 
 
 def config(upstream: str, port: int, metrics_port: int, *, level: str = "info") -> str:
-    return f"""
-[upstream]
-url = "{upstream}"
-[log]
-level = "{level}"
-access = "json"
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:{port}"
-role = "client"
-[metrics]
-bind = "127.0.0.1:{metrics_port}"
-"""
+    return gate_toml(upstream, bind=f"127.0.0.1:{port}", access="json",
+                     log=f'level = "{level}"',
+                     extra=f'[metrics]\nbind = "127.0.0.1:{metrics_port}"')
 
 
 def health_seconds(port: int) -> float:

@@ -37,7 +37,8 @@ import nio
 import pytest
 import trustme
 from support.gate import GateProcess, run_gate
-from support.synapse import SynapseServer, free_port, run_synapse
+from support.net import free_port
+from support.synapse import SynapseServer, run_synapse
 
 MiB = 1024 * 1024
 PASSWORD = "correct horse battery staple"

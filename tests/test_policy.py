@@ -8,23 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-import socket
 
 import pytest
-from conftest import gate_toml, port_of, running_gate
 from support.client import Conn, Resp, fetch, get
+from support.gate import gate_toml, port_of, running_gate
+from support.net import free_port as _closed_port
 from support.recorder import Recorder, Req, recorder
 from test_forwarding import assert_matrix_error, raw
 
 from palpo_gate import proxy
 
 RID = "policy-rid-1"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _assert_reveals_nothing(resp: Resp, *secrets: str) -> None:
@@ -166,31 +160,14 @@ async def test_an_unexpected_failure_is_a_generic_500(
         _assert_reveals_nothing(resp, "secret", "Traceback", "Internal Server Error")
 
 
-@pytest.fixture
-async def up() -> Recorder:  # type: ignore[misc]
-    async with recorder() as rec:
-        yield rec
-
-
 # ---------------------------------------------------------------------------
 # Item: client addresses behind a frontend on a UNIX socket
 
 
 def _unix_toml(up: Recorder, sock: str, trusted: str) -> str:
-    return f"""
-[upstream]
-url = "http://127.0.0.1:{up.port}"
-[log]
-access = "off"
-[forwarding]
-trusted_proxies = [{trusted}]
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:0"
-[[listeners]]
-name = "front"
-bind = "unix:{sock}"
-"""
+    return gate_toml(f"http://127.0.0.1:{up.port}", role=None,
+                     before=f"[forwarding]\ntrusted_proxies = [{trusted}]",
+                     extra=f'[[listeners]]\nname = "front"\nbind = "unix:{sock}"')
 
 
 FRONTEND_SENT = [("X-Forwarded-For", "198.51.100.1"), ("X-Forwarded-Proto", "https"),

@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import free_port, gate_toml, port_of
 from support.client import Conn, Resp
-from support.gate import run_gate
-from support.recorder import Recorder, recorder
+from support.gate import gate_toml, port_of, run_gate
+from support.net import free_port
+from support.recorder import Recorder
 from support.upstream_thread import threaded_upstream
 
 from palpo_gate import config as configmod
@@ -229,12 +229,6 @@ async def gate_with(up: Recorder, rate_limits: str, *, extra: str = "", listener
         yield gate
     finally:
         await gate.close(0)
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 def forwarded(up: Recorder, target: str) -> list[tuple[bytes, bytes | None]]:

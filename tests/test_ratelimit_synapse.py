@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import pathlib
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from tests.support.gate import run_gate  # noqa: E402
-from tests.support.synapse import SynapseServer, free_port, run_synapse  # noqa: E402
+from support.gate import run_gate
+from support.net import free_port
+from support.synapse import SynapseServer, run_synapse
 
 PASSWORD = "correct horse battery staple"
 

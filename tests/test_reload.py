@@ -11,38 +11,22 @@ import ssl
 
 import pytest
 import trustme
-from conftest import running_gate
 from support.client import Conn, fetch, get
+from support.gate import gate_toml, running_gate
+from support.net import free_port
 from support.recorder import Req, recorder, response
 
 from palpo_gate import config as configmod
 
 
 def _toml(upstream_port: int, port: int, *, extra: str = "", listeners: str = "") -> str:
-    return f"""
-[upstream]
-url = "http://127.0.0.1:{upstream_port}"
-[log]
-access = "off"
-{extra}
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:{port}"
-{listeners}
-"""
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return gate_toml(f"http://127.0.0.1:{upstream_port}", bind=f"127.0.0.1:{port}", role=None,
+                     before=extra, listener=listeners)
 
 
 async def test_reload_swaps_the_generation_and_keeps_the_socket() -> None:
     async with recorder() as old_up, recorder() as new_up:
-        port = _free_port()
+        port = free_port()
         async with running_gate(_toml(old_up.port, port)) as gate:
             sock_before = gate._slots["main"].sock
             assert (await fetch(port, get("/_matrix/a"))).status == 200
@@ -70,7 +54,7 @@ async def test_open_connections_finish_on_the_old_generation() -> None:
 
     async with recorder() as old_up, recorder() as new_up:
         old_up.handler = held
-        port = _free_port()
+        port = free_port()
         async with running_gate(_toml(old_up.port, port)) as gate:
             keep = await Conn.open(port)
             poll = await Conn.open(port)
@@ -110,7 +94,7 @@ async def test_open_connections_finish_on_the_old_generation() -> None:
 
 async def test_a_bad_config_changes_nothing(tmp_path: pytest.TempPathFactory) -> None:
     async with recorder() as up:
-        port = _free_port()
+        port = free_port()
         async with running_gate(_toml(up.port, port)) as gate:
             bad = _toml(up.port, port, listeners=(
                 '[listeners.tls]\ncert = "/nonexistent/cert.pem"\nkey = "/nonexistent/key.pem"'))
@@ -125,7 +109,7 @@ async def test_a_listener_that_cannot_bind_fails_the_reload_whole() -> None:
     import socket
 
     async with recorder() as up:
-        port = _free_port()
+        port = free_port()
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
@@ -142,7 +126,7 @@ async def test_a_listener_that_cannot_bind_fails_the_reload_whole() -> None:
 
 async def test_listeners_added_and_removed() -> None:
     async with recorder() as up:
-        port, port2 = _free_port(), _free_port()
+        port, port2 = free_port(), free_port()
         async with running_gate(_toml(up.port, port)) as gate:
             second = (f'[[listeners]]\nname = "second"\nbind = "127.0.0.1:{port2}"\n'
                       'role = "federation"')
@@ -190,7 +174,7 @@ async def test_certificates_renewed_on_disk_reach_new_handshakes(
     cert, key = str(tmp_path / "fullchain.pem"), str(tmp_path / "privkey.pem")
     _write_cert(ca, "before.test", cert, key)
     async with recorder() as up:
-        port = _free_port()
+        port = free_port()
         toml = _toml(up.port, port, listeners=f'[listeners.tls]\ncert = "{cert}"\nkey = "{key}"')
         async with running_gate(toml) as gate:
             assert await _peer_names(port, ca, "before.test") == {"before.test"}
@@ -230,7 +214,7 @@ async def test_reloads_across_keep_alive_connections_leak_nothing() -> None:
     and close its pool; nothing may pile up over rounds."""
     rounds = 100
     async with recorder() as up:
-        port = _free_port()
+        port = free_port()
         toml = _toml(up.port, port)
         async with running_gate(toml) as gate:
             # Warm-up round: whatever the first round opens for good (the
@@ -273,7 +257,7 @@ async def test_a_reload_turns_tls_on_and_off_on_the_same_bind(
     tls = (f'[listeners.tls]\ncert = "{tls_files["default_cert"]}"\n'
            f'key = "{tls_files["default_key"]}"')
     async with recorder() as up:
-        port = _free_port()
+        port = free_port()
         plain_toml, tls_toml = _toml(up.port, port), _toml(up.port, port, listeners=tls)
         async with running_gate(plain_toml) as gate:
             held = await Conn.open(port)

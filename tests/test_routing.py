@@ -72,11 +72,6 @@ FEDERATION_TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("target", "expected"), FEDERATION_TABLE, ids=_ids(FEDERATION_TABLE))
-def test_federation_role(target: str, expected: str) -> None:
-    assert _decide(FEDERATION, target) == expected
-
-
 # -- [well_known] configured -------------------------------------------------------------
 
 WELL_KNOWN_TABLE = [
@@ -93,11 +88,6 @@ WELL_KNOWN_TABLE = [
     ("/_palpo/admin", "admin"),
     ("/health", "health"),
 ]
-
-
-@pytest.mark.parametrize(("target", "expected"), WELL_KNOWN_TABLE, ids=_ids(WELL_KNOWN_TABLE))
-def test_well_known_configured(target: str, expected: str) -> None:
-    assert _decide(CLIENT_WK, target) == expected
 
 
 def test_well_known_absent_forwards_the_documents_on_every_role() -> None:
@@ -155,12 +145,6 @@ EVERYTHING_TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("target", "expected"), EVERYTHING_TABLE,
-                         ids=_ids(EVERYTHING_TABLE))
-def test_root_prefix_forwards_all_but_admin_health_and_bad(target: str, expected: str) -> None:
-    assert _decide(EVERYTHING, target) == expected
-
-
 NARROW = Router(("/_matrix/client", "/_matrix/media"), DEFAULT_BLOCKED_PREFIXES, well_known=True)
 NARROW_TABLE = [
     ("/_matrix/client", "forward"),
@@ -171,11 +155,6 @@ NARROW_TABLE = [
     ("/_matrix", "not_found"),
     ("/_palpo/client/x", "not_found"),
 ]
-
-
-@pytest.mark.parametrize(("target", "expected"), NARROW_TABLE, ids=_ids(NARROW_TABLE))
-def test_custom_prefix_list(target: str, expected: str) -> None:
-    assert _decide(NARROW, target) == expected
 
 
 BLOCKED = Router(ROLE_PREFIXES["client"], ("/_matrix/client/v3/admin", "/_Palpo/Internal"),
@@ -196,9 +175,23 @@ BLOCKED_TABLE = [
 ]
 
 
-@pytest.mark.parametrize(("target", "expected"), BLOCKED_TABLE, ids=_ids(BLOCKED_TABLE))
-def test_custom_blocked_prefixes(target: str, expected: str) -> None:
-    assert _decide(BLOCKED, target) == expected
+#: Each table with the listener it is decided on: the federation role, the
+#: client role with [well_known], everything ("/"), a narrow prefix list, and
+#: admin prefixes of the operator's own.
+ROUTER_TABLES = {
+    "federation": (FEDERATION, FEDERATION_TABLE),
+    "well_known": (CLIENT_WK, WELL_KNOWN_TABLE),
+    "everything": (EVERYTHING, EVERYTHING_TABLE),
+    "narrow": (NARROW, NARROW_TABLE),
+    "blocked": (BLOCKED, BLOCKED_TABLE),
+}
+
+
+@pytest.mark.parametrize(("router", "target", "expected"), [
+    pytest.param(router, target, expected, id=f"{name}: {target}")
+    for name, (router, table) in ROUTER_TABLES.items() for target, expected in table])
+def test_router_tables(router: Router, target: str, expected: str) -> None:
+    assert _decide(router, target) == expected
 
 
 def test_no_blocked_prefixes_forwards_admin_paths_under_a_forward_prefix() -> None:

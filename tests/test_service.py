@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import http.client
 import os
 import pathlib
@@ -38,39 +39,22 @@ from dataclasses import dataclass, field
 
 import pytest
 import trustme
+from support.client import Conn, fetch, get
+from support.gate import GateProcess, answers_health, gate_toml, run_gate, watch
+from support.net import free_port
+from support.notify import Datagram, notify_socket
+from support.upstream_thread import ThreadedUpstream, threaded_upstream
 
 from palpo_gate import config as configmod
-from tests.support.client import Conn, fetch, get
-from tests.support.gate import GateProcess, run_gate
-from tests.support.notify import Datagram, notify_socket
-from tests.support.upstream_thread import threaded_upstream
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(upstream: str, port: int | str, *, name: str = "main", server: str = "",
             extra: str = "", listener: str = "", access: str = "off") -> str:
     bind = port if isinstance(port, str) else f"127.0.0.1:{port}"
-    return f"""
-[server]
-{server}
-[upstream]
-url = "{upstream}"
-[log]
-access = "{access}"
-{extra}
-[[listeners]]
-name = "{name}"
-bind = "{bind}"
-role = "client"
-{listener}
-"""
+    return gate_toml(upstream, bind=bind, name=name, server=server, access=access,
+                     before=extra, listener=listener)
 
 
 def _write(path: pathlib.Path, text: str) -> None:
@@ -154,31 +138,12 @@ def _wait_exit(proc: subprocess.Popen[str], timeout: float) -> int:
         pytest.fail(f"pid {proc.pid} did not exit within {timeout} s")
 
 
-@contextlib.contextmanager
-def _started(proc: subprocess.Popen[str], cfg: configmod.Config, *,
-             startup_timeout: float = 20.0) -> Iterator[GateProcess]:
+def _started(proc: subprocess.Popen[str], cfg: configmod.Config,
+             port: int) -> contextlib.AbstractContextManager[GateProcess]:
     """run_gate() for a process started some other way (the socket-activation
-    wrapper): pump its output, wait for "palpo-gate ready", stop it after."""
-    gp = GateProcess(proc, cfg)
-    threads = [threading.Thread(target=gp._pump, args=(proc.stdout, gp.stdout_lines, False),
-                                daemon=True),
-               threading.Thread(target=gp._pump, args=(proc.stderr, gp.stderr_lines, True),
-                                daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while not gp.ready.wait(0.05):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("gate did not start:\n" + _stderr(gp)[-4000:])
-        yield gp
-    finally:
-        gp.stop()
-        for t in threads:
-            t.join(5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+    wrapper): ready once the passed socket, on *port*, answers /health."""
+    probe = dataclasses.replace(cfg.listeners[0], bind=configmod.Bind("tcp", "127.0.0.1", port))
+    return watch(proc, cfg, lambda: answers_health(probe))
 
 
 def _children(pid: int) -> set[int]:
@@ -401,7 +366,7 @@ async def _fresh_loop(port: int, deadline: float, max_requests: int, stats: _Sta
 @pytest.mark.timeout(60)
 async def test_sighup_under_load_drops_nothing(tmp_path: pathlib.Path) -> None:
     with threaded_upstream("one") as one, threaded_upstream("two") as two:
-        port = _free_port()
+        port = free_port()
         config_a = _config(one.url, port)
         config_b = _config(two.url, port, extra='[admin]\nallow_from = ["127.0.0.1/32"]')
         config_c = _config(one.url, port, extra='[admin]\nallow_from = ["10.0.0.0/8"]')
@@ -455,7 +420,7 @@ async def test_sighup_under_load_drops_nothing(tmp_path: pathlib.Path) -> None:
 @pytest.mark.timeout(30)
 async def test_sighup_during_a_long_poll(tmp_path: pathlib.Path) -> None:
     with threaded_upstream("old", sync_hold=3.0) as old, threaded_upstream("new") as new:
-        port = _free_port()
+        port = free_port()
         with run_gate(_config(old.url, port), tmp_path) as gp:
             poll = await Conn.open(port)
             try:
@@ -499,7 +464,7 @@ async def test_certificate_swapped_on_disk_is_served_after_sighup(
             await conn.close()
 
     with threaded_upstream() as up:
-        port = _free_port()
+        port = free_port()
         toml = _config(up.url, port, listener=f'[listeners.tls]\ncert = "{cert}"\nkey = "{key}"')
         with run_gate(toml, tmp_path) as gp:
             assert await names("before.test") == {"before.test"}
@@ -526,7 +491,7 @@ async def test_certificate_swapped_on_disk_is_served_after_sighup(
 @pytest.mark.timeout(40)
 def test_broken_config_on_sighup_keeps_the_old_one(tmp_path: pathlib.Path) -> None:
     with threaded_upstream("old") as old, threaded_upstream("new") as new:
-        port = _free_port()
+        port = free_port()
         good = _config(old.url, port)
         path = tmp_path / "gate.toml"
         missing = tmp_path / "missing"
@@ -588,21 +553,37 @@ def _refused_soon(port: int, tries: int = 40) -> bool:
     return False
 
 
+def _sigterm_with_a_held_long_poll(
+        up: ThreadedUpstream, tmp_path: pathlib.Path, drain: str, exit_within: float,
+        while_draining: Callable[[GateProcess, int], None] = lambda gp, port: None,
+) -> tuple[GateProcess, dict[str, object], int, float]:
+    """Hold a long-poll through the gate, SIGTERM it, run *while_draining*, wait
+    for the exit: the gate, the long-poll's result, the exit status and the
+    seconds from SIGTERM to the exit."""
+    port = free_port()
+    with run_gate(_config(up.url, port, server=f'drain_timeout = "{drain}"'), tmp_path) as gp:
+        result: dict[str, object] = {}
+        t = _background_get(port, "/_matrix/client/v3/sync?timeout=30000", result)
+        assert up.wait_for(lambda: up.requests, 5), "the long-poll never reached upstream"
+        sent = time.monotonic()
+        gp.proc.send_signal(signal.SIGTERM)
+        while_draining(gp, port)
+        rc = _wait_exit(gp.proc, exit_within)
+        took = time.monotonic() - sent
+        t.join(5)
+    return gp, result, rc, took
+
+
+def _still_draining(gp: GateProcess, port: int) -> None:
+    assert _refused_soon(port), "new connections are still accepted after SIGTERM"
+    assert gp.proc.poll() is None, "the gate exited with a long-poll in flight"
+
+
 @pytest.mark.timeout(30)
 def test_sigterm_drains_a_held_long_poll(tmp_path: pathlib.Path) -> None:
     with threaded_upstream("up", sync_hold=2.0) as up:
-        port = _free_port()
-        with run_gate(_config(up.url, port, server='drain_timeout = "10s"'), tmp_path) as gp:
-            result: dict[str, object] = {}
-            t = _background_get(port, "/_matrix/client/v3/sync?timeout=30000", result)
-            assert up.wait_for(lambda: up.requests, 5), "the long-poll never reached upstream"
-            sent = time.monotonic()
-            gp.proc.send_signal(signal.SIGTERM)
-            assert _refused_soon(port), "new connections are still accepted after SIGTERM"
-            assert gp.proc.poll() is None, "the gate exited with a long-poll in flight"
-            rc = _wait_exit(gp.proc, 15)
-            took = time.monotonic() - sent
-            t.join(5)
+        gp, result, rc, took = _sigterm_with_a_held_long_poll(up, tmp_path, "10s", 15,
+                                                              _still_draining)
         print(f"drain: held long-poll answered, exit {rc} {took:.2f}s after SIGTERM")
         assert result.get("resp") == (200, b'{"next_batch": "up-s1"}'), result
         assert rc == 0, _stderr(gp)
@@ -613,16 +594,7 @@ def test_sigterm_drains_a_held_long_poll(tmp_path: pathlib.Path) -> None:
 @pytest.mark.timeout(30)
 def test_sigterm_cuts_what_outlasts_the_drain_timeout(tmp_path: pathlib.Path) -> None:
     with threaded_upstream("up", sync_hold=5.0) as up:
-        port = _free_port()
-        with run_gate(_config(up.url, port, server='drain_timeout = "1s"'), tmp_path) as gp:
-            result: dict[str, object] = {}
-            t = _background_get(port, "/_matrix/client/v3/sync?timeout=30000", result)
-            assert up.wait_for(lambda: up.requests, 5), "the long-poll never reached upstream"
-            sent = time.monotonic()
-            gp.proc.send_signal(signal.SIGTERM)
-            rc = _wait_exit(gp.proc, 10)
-            took = time.monotonic() - sent
-            t.join(5)
+        gp, result, rc, took = _sigterm_with_a_held_long_poll(up, tmp_path, "1s", 10)
         print(f"drain_timeout 1s: exit {rc} {took:.2f}s after SIGTERM")
         assert rc == 0, _stderr(gp)
         # drain_timeout is the whole drain (SPEC section 6: "drain for [10 s], then
@@ -667,7 +639,7 @@ def _notify_cycle(gp: GateProcess, ns: object, *, after_ready: Callable[[], None
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_notify_ready_reloading_stopping(tmp_path: pathlib.Path, abstract: bool) -> None:
     with threaded_upstream() as up, notify_socket(tmp_path, abstract=abstract) as ns:
-        port = _free_port()
+        port = free_port()
         with run_gate(_config(up.url, port), tmp_path, env={"NOTIFY_SOCKET": ns.path}) as gp:
             _notify_cycle(gp, ns)
         _check_order(ns.datagrams(), gp.proc.pid)
@@ -676,7 +648,7 @@ def test_notify_ready_reloading_stopping(tmp_path: pathlib.Path, abstract: bool)
 @pytest.mark.timeout(30)
 def test_notify_watchdog(tmp_path: pathlib.Path) -> None:
     with threaded_upstream() as up, notify_socket(tmp_path) as ns:
-        port = _free_port()
+        port = free_port()
         env = {"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "400000"}
         with run_gate(_config(up.url, port), tmp_path, env=env) as gp:
             ns.wait_for("READY=1", timeout=10)
@@ -692,7 +664,7 @@ def test_notify_watchdog(tmp_path: pathlib.Path) -> None:
 @pytest.mark.timeout(40)
 def test_notify_with_workers_comes_from_the_supervisor_once(tmp_path: pathlib.Path) -> None:
     with threaded_upstream() as up, notify_socket(tmp_path) as ns:
-        port = _free_port()
+        port = free_port()
         env = {"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "400000"}
         with run_gate(_config(up.url, port, server="workers = 2"), tmp_path, env=env) as gp:
 
@@ -751,7 +723,7 @@ def test_socket_activation_serves_the_passed_socket(tmp_path: pathlib.Path) -> N
             port = sock.getsockname()[1]
             proc = _activate(sock, path)
         # Only the gate holds the socket now.
-        with _started(proc, configmod.loads(toml, str(path))) as gp:
+        with _started(proc, configmod.loads(toml, str(path)), port) as gp:
             for i in range(5):
                 status, body = _http(port, f"/_matrix/activated/{i}")
                 assert status == 200 and f"/_matrix/activated/{i}".encode() in body
@@ -814,12 +786,11 @@ def _reap_strays(pids: set[int]) -> None:
 def test_workers_share_heal_reload_and_stop(tmp_path: pathlib.Path) -> None:
     seen: set[int] = set()
     with threaded_upstream() as up, _unix_path(tmp_path) as sock_path:
-        port = _free_port()
+        port = free_port()
         toml = _config(up.url, port, server="workers = 2") + (
             f'[[listeners]]\nname = "local"\nbind = "unix:{sock_path}"\nrole = "client"\n')
         try:
-            with run_gate(toml, tmp_path) as gp:
-                _wait_count(gp, "palpo-gate ready: 2 workers", 1)
+            with run_gate(toml, tmp_path) as gp:  # ready: READY=1, every worker serves
                 pid = gp.proc.pid
                 # (a) two worker processes, children of the gate
                 workers = _wait_workers(pid, 2, 5)
@@ -876,12 +847,11 @@ def test_workers_share_heal_reload_and_stop(tmp_path: pathlib.Path) -> None:
 def test_workers_metrics_are_summed(tmp_path: pathlib.Path) -> None:
     seen: set[int] = set()
     with threaded_upstream() as up:
-        port, mport = _free_port(), _free_port()
+        port, mport = free_port(), free_port()
         toml = _config(up.url, port, server="workers = 2",
                        extra=f'[metrics]\nbind = "127.0.0.1:{mport}"')
         try:
-            with run_gate(toml, tmp_path) as gp:
-                _wait_count(gp, "palpo-gate ready: 2 workers", 1)
+            with run_gate(toml, tmp_path) as gp:  # ready: READY=1, every worker serves
                 workers = _wait_workers(gp.proc.pid, 2, 5)
                 seen |= workers
                 made = 60
@@ -911,7 +881,7 @@ def test_workers_metrics_are_summed(tmp_path: pathlib.Path) -> None:
 @pytest.mark.timeout(30)
 def test_metrics_follow_traffic_and_reloads(tmp_path: pathlib.Path) -> None:
     with threaded_upstream() as up:
-        port, mport, dead = _free_port(), _free_port(), _free_port()
+        port, mport, dead = free_port(), free_port(), free_port()
         metrics = f'[metrics]\nbind = "127.0.0.1:{mport}"'
         toml = _config(up.url, port, extra=metrics)
         with run_gate(toml, tmp_path) as gp:

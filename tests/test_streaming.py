@@ -10,35 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
-import pytest
-from conftest import gate_toml, port_of, running_gate
-from support.client import Conn, Resp, get
-from support.recorder import Recorder, Req, echo_handler, recorder, response
+from support.client import Conn, Resp, chunk, get, raw
+from support.gate import gate_toml, port_of, running_gate
+from support.recorder import Recorder, Req, count_handler, echo_handler, response, up_url
 
 MiB = 1024 * 1024
-
-
-def raw(method: str, target: str, headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"") -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: gate.test"]
-    lines += [f"{n}: {v}" for n, v in headers or []]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n" % len(data) + data + b"\r\n"
-
-
-def up_url(up: Recorder) -> str:
-    return f"http://127.0.0.1:{up.port}"
-
-
-@pytest.fixture
-async def up() -> AsyncIterator[Recorder]:
-    async with recorder() as rec:
-        yield rec
 
 
 def with_limits(up: Recorder, limits: str) -> str:
@@ -240,18 +218,7 @@ async def test_big_download_keeps_memory_flat(up: Recorder) -> None:
 
 
 async def test_big_upload_keeps_memory_flat(up: Recorder) -> None:
-    async def count(req: Req, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
-        length = int(req.header("content-length") or 0)
-        got = 0
-        while got < length:
-            data = await reader.read(min(MiB, length - got))
-            if not data:
-                return
-            got += len(data)
-        writer.write(response(200, b"%d" % got))
-
-    up.handler = count
+    up.handler = count_handler
     async with running_gate(gate_toml(up_url(up), extra='[limits]\nmax_body_size = "1G"\n')
                             ) as gate:
         conn = await Conn.open(port_of(gate))

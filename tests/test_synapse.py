@@ -22,7 +22,6 @@ import os
 import pathlib
 import re
 import ssl
-import sys
 import threading
 import time
 import urllib.parse
@@ -32,13 +31,9 @@ from typing import Any
 
 import pytest
 import trustme
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # `pytest` run without the repo root on sys.path
-    sys.path.insert(0, str(_ROOT))
-
-from tests.support.remote_hs import RemoteHomeserver, run_remote_hs  # noqa: E402
-from tests.support.synapse import SynapseServer, free_port, run_synapse  # noqa: E402
+from support.net import free_port
+from support.remote_hs import RemoteHomeserver, run_remote_hs
+from support.synapse import SynapseServer, run_synapse
 
 PASSWORD = "correct horse battery staple ü"
 
@@ -122,14 +117,14 @@ class HsBase:
 
 
 def _gate_module() -> Any | None:
-    """tests.support.gate, or None when PALPO_GATE_E2E=direct (debugging the tests
+    """support.gate, or None when PALPO_GATE_E2E=direct (debugging the tests
     themselves against Synapse alone). The default always goes through the gate."""
     mode = os.environ.get("PALPO_GATE_E2E", "gate").lower()
     if mode not in ("gate", "direct"):
         raise pytest.UsageError(f"PALPO_GATE_E2E must be gate or direct, not {mode!r}")
     if mode == "direct":
         return None
-    return importlib.import_module("tests.support.gate")
+    return importlib.import_module("support.gate")
 
 
 def gate_config(

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.notify import notify_socket
 
 from palpo_gate import config as configmod
 from palpo_gate import systemd
-from tests.support.notify import notify_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "contrib" / "systemd"

@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trustme
-from conftest import gate_toml, port_of, running_gate
+from support.client import Conn, get
+from support.gate import gate_toml, port_of, running_gate
+from support.recorder import Recorder, recorder
 
 from palpo_gate.server import Gate
-from tests.support.client import Conn, get
-from tests.support.recorder import Recorder, recorder
 
 DEFAULT_NAMES = {"localhost", "127.0.0.1", "matrix.test"}
 OTHER_NAMES = {"other.test"}

@@ -19,9 +19,9 @@ import pathlib
 import socket
 import time
 
-from conftest import free_port, port_of, running_gate
 from support.client import Conn, Resp, fetch, get
-from support.gate import run_gate
+from support.gate import gate_toml, port_of, run_gate, running_gate
+from support.net import free_port
 from support.recorder import Handler, Recorder, Req, recorder, response
 from test_forwarding import assert_matrix_error
 
@@ -33,19 +33,8 @@ MiB = 1024 * KiB
 
 
 def _toml(up: Recorder, *, port: int = 0, upstream: str = "", limits: str = "") -> str:
-    return f"""
-[upstream]
-url = "http://127.0.0.1:{up.port}"
-{upstream}
-[log]
-access = "off"
-[limits]
-{limits}
-[[listeners]]
-name = "main"
-bind = "127.0.0.1:{port}"
-role = "client"
-"""
+    return gate_toml(f"http://127.0.0.1:{up.port}", bind=f"127.0.0.1:{port}",
+                     upstream_keys=upstream, before=f"[limits]\n{limits}")
 
 
 def _rss_kib(pid: int, key: str = "VmRSS") -> int:

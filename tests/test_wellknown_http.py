@@ -12,11 +12,11 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import gate_toml, port_of, running_gate
+from support.client import Conn, Resp, fetch, get
+from support.gate import gate_toml, port_of, running_gate
+from support.recorder import Recorder, recorder
 
 from palpo_gate.server import Gate
-from tests.support.client import Conn, Resp, fetch, get
-from tests.support.recorder import Recorder, recorder
 
 WELL_KNOWN = """
 [well_known]

@@ -149,3 +149,19 @@ def get(target: str | bytes, host: str = "gate.test", extra: str = "",
     t = target.encode("latin-1") if isinstance(target, str) else target
     return (method.encode() + b" " + t + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
             + extra.encode("latin-1") + b"\r\n")
+
+
+def raw(method: str, target: str | bytes, headers: list[tuple[str, str]] | None = None,
+        body: bytes = b"", host: str | None = "gate.test") -> bytes:
+    """A request exactly as given (no header is added but Host)."""
+    t = target.encode("latin-1") if isinstance(target, str) else target
+    lines = [method.encode() + b" " + t + b" HTTP/1.1"]
+    if host is not None:
+        lines.append(b"Host: " + host.encode())
+    lines += [f"{n}: {v}".encode("latin-1") for n, v in headers or []]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def chunk(data: bytes) -> bytes:
+    """*data* as one chunk of a chunked body."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"

@@ -83,6 +83,20 @@ async def echo_handler(req: Req, reader: asyncio.StreamReader,
     writer.write(response(200, body, [("Content-Type", "application/json")]))
 
 
+async def count_handler(req: Req, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+    """Read the Content-Length body without keeping it (a big upload costs
+    nothing here), answer 200 with the number of bytes that arrived."""
+    length = int(req.header("content-length") or 0)
+    got = 0
+    while got < length:
+        data = await reader.read(min(1 << 20, length - got))
+        if not data:
+            return
+        got += len(data)
+    writer.write(response(200, b"%d" % got))
+
+
 Handler = Callable[[Req, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -135,6 +149,11 @@ class Recorder:
             self.closed_connections += 1
             self.writers.discard(writer)
             writer.close()
+
+
+def up_url(up: Recorder) -> str:
+    """The ``[upstream] url`` that names *up*."""
+    return f"unix:{up.path}" if up.path else f"http://127.0.0.1:{up.port}"
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from collections.abc import Iterator
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
+from support.net import free_port
+
 SERVER_NAME = "hs.test"
 REGISTRATION_SHARED_SECRET = "palpo-gate-test-shared-secret"
 STARTUP_TIMEOUT = 90.0
@@ -39,13 +40,6 @@ STOP_TIMEOUT = 5.0
 
 # A rate limit nobody in a test will reach.
 _UNLIMITED = {"per_second": 100000, "burst_count": 100000}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to port 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass
