@@ -31,13 +31,14 @@ import pytest
 import trustme
 from aiohttp import web
 from cryptography import x509
+from support.client import Conn, fetch
+from support.gate import GateProcess, run_gate
+from support.net import free_port
+from support.pebble import Pebble, run_pebble
+from support.recorder import Req, echo_handler, recorder
 
 from palpo_gate.acme import certs
 from palpo_gate.acme.store import ca_dir_name
-from tests.support.client import Conn, fetch
-from tests.support.gate import GateProcess, run_gate
-from tests.support.pebble import Pebble, free_port, run_pebble
-from tests.support.recorder import Req, echo_handler, recorder
 
 T = TypeVar("T")
 
@@ -682,7 +683,7 @@ async def test_tls_alpn_front_before_any_certificate(tmp_path: pathlib.Path) -> 
     reached: the fronted listener serves the temporary certificate, forwards
     /_matrix, reads a ClientHello that comes in pieces, and drops what is not
     TLS."""
-    from tests.conftest import port_of, running_gate
+    from support.gate import port_of, running_gate
 
     async with recorder() as up:
         toml = f"""
@@ -721,7 +722,7 @@ challenge = "tls-alpn-01"
 async def test_reload_that_adds_acme_is_refused(tmp_path: pathlib.Path) -> None:
     from palpo_gate import config as configmod
     from palpo_gate.config import ConfigError
-    from tests.conftest import running_gate
+    from support.gate import running_gate
 
     plain = '[[listeners]]\nname = "main"\nbind = "127.0.0.1:0"\n'
     async with running_gate(plain) as gate:
