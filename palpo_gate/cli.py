@@ -60,16 +60,15 @@ def main(argv: list[str] | None = None) -> int:
                            args.resolver)
     path = getattr(args, "check_config", None) or args.config
     try:
-        cfg = configmod.load(path)
-        from .server import C_PARSER, ssl_contexts
-
-        ssl_contexts(cfg)  # certificates are part of a valid config
+        cfg = configmod.load(path)  # certificates included (tls.pair_problem)
     except configmod.ConfigError as exc:
         return _fail_config(exc)
     if args.command == "check":
         sys.stdout.write(configmod.dump(cfg))
         print(f"palpo-gate: configuration {cfg.source} is valid", file=sys.stderr)
         return 0
+    from .listeners import C_PARSER
+
     return run(cfg, C_PARSER, path)
 
 

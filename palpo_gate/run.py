@@ -33,7 +33,8 @@ from collections.abc import Callable
 from . import config as configmod
 from . import logpipe, systemd
 from . import metrics as metricsmod
-from .server import Gate, serve_metrics
+from .generation import Gate
+from .listeners import serve_metrics
 
 log = logging.getLogger("palpo_gate")
 

@@ -38,8 +38,9 @@ from collections.abc import Callable
 from . import config as configmod
 from . import metrics as metricsmod
 from . import ratelimit, systemd
+from .generation import cert_sets
+from .listeners import bind_socket, serve_metrics, systemd_sockets
 from .run import start_watchdog
-from .server import bind_socket, cert_sets, serve_metrics, systemd_sockets
 
 log = logging.getLogger("palpo_gate")
 

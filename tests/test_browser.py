@@ -31,8 +31,8 @@ from conftest import free_port, port_of
 
 from palpo_gate import config as configmod
 from palpo_gate.errors import error_body
+from palpo_gate.generation import Gate
 from palpo_gate.metrics import Registry
-from palpo_gate.server import Gate
 from palpo_gate.wellknown import CORS_HEADERS
 from tests.support.client import Conn, Resp, fetch, get
 from tests.support.recorder import recorder

@@ -23,7 +23,7 @@ import pytest
 import trustme
 from conftest import gate_toml, port_of, running_gate
 
-from palpo_gate.server import Gate
+from palpo_gate.generation import Gate
 from tests.support.client import Conn, get
 from tests.support.recorder import Recorder, recorder
 

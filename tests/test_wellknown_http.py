@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 from conftest import gate_toml, port_of, running_gate
 
-from palpo_gate.server import Gate
+from palpo_gate.generation import Gate
 from tests.support.client import Conn, Resp, fetch, get
 from tests.support.recorder import Recorder, recorder
 
