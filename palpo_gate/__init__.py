@@ -21,6 +21,7 @@ The design in brief:
 - ``generation`` one config's runtime, reload and graceful stop.
 - ``process``   the life of one process: signals, reload, systemd.
 - ``supervisor`` ``server.workers`` processes sharing the listeners.
+- ``compat``    every use of aiohttp's internals, in one place.
 - ``accesslog`` one line per request.
 - ``logpipe``   stdout and stderr written without ever blocking the event loop.
 - ``cli``       ``palpo-gate [check] [--config PATH]``.

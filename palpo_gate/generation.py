@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web_protocol
 
+from . import compat, ratelimit
 from . import prelude as preludemod
-from . import ratelimit
 from . import tls as tlsmod
 from .acme.front import FrontServer, fronted  # light: no ACME client library
 from .config import Config, ConfigError, Listener, join_host_port
@@ -293,8 +293,8 @@ class Gate:
         busy: list[asyncio.Task[None]] = []
         for gs in gate_servers:
             for conn in gs.connections:
-                task = conn._task_handler
-                if conn._request_in_progress or conn._messages:
+                task = compat.handler_task(conn)
+                if compat.is_busy(conn):
                     # Finish the request in hand, then close (no next request).
                     conn.close()
                     if task is not None and not task.done():

@@ -32,9 +32,9 @@ from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD
 
+from . import compat, systemd
 from . import metrics as metricsmod
 from . import prelude as preludemod
-from . import systemd
 from .accesslog import RefusedRequest, escape, redact_target
 from .config import Bind, Config, ConfigError
 from .errors import error_body
@@ -47,7 +47,7 @@ log = logging.getLogger("palpo_gate")
 
 #: aiohttp's C (llhttp) parser rejects smuggling vectors the pure-Python parser
 #: has let through (several CVEs); the gate refuses to run without it.
-C_PARSER = web_protocol.HttpRequestParser.__module__ == "aiohttp._http_parser"
+C_PARSER = compat.C_PARSER
 
 
 MAX_LINE_SIZE = 8190  # request line (aiohttp's default)
@@ -101,7 +101,7 @@ def _parser_reason(exc: BaseException) -> str:
 _data_received = web_protocol.RequestHandler.data_received
 
 
-class _HeadTimeoutProtocol(web_protocol.RequestHandler):
+class _HeadTimeoutProtocol(compat.RequestHandler):
     """aiohttp's connection handler plus the limits of a request head.
 
     - A deadline: aiohttp only times out idle keep-alive connections; a
@@ -157,17 +157,13 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
             return
         start = self._rx
         _data_received(self, data)  # aiohttp's; cheaper than super() on every read
-        # _request_in_progress / _messages / _current_request / _request_count
-        # / _upgraded / _buffer_paused are aiohttp 3.14 internals (pinned to
-        # 3.14.x in pyproject.toml).
         rx = self._rx = start + len(data)
         clean_before = self._clean
-        clean = self._clean = not (self._reading_paused or self._buffer_paused
-                                   or self._upgraded)
-        new = self._request_count - self._seen
+        clean = self._clean = not self.parser_may_hold_bytes()
+        new = self.request_count - self._seen
         if new:
             self._seen += new
-            msg, payload = self._messages[-1]
+            msg, payload = self.messages[-1]
             try:
                 version = msg.version
             except AttributeError:  # a parse error (_ErrInfo)
@@ -200,26 +196,25 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
                     self._mark = start
             elif clean and clean_before:
                 self._mark = rx
-        if not clean and self._upgraded:
+        if not clean and self.upgraded:
             # A request with "Upgrade: websocket" (or CONNECT): aiohttp would
             # parse what follows only after the answer, outside these checks.
             # The gate never switches protocols (Upgrade is not forwarded),
             # so that request is the connection's last.
-            self._message_tail = b""
+            self.drop_message_tail()
             self.close()
-        if self._request_in_progress and self._messages:
+        busy = self.busy()
+        if busy and self.in_request() and self.messages:
             self._fail_body_on_parse_error()
-        if self._request_in_progress or self._messages:
-            if self._keepalive_handle is not None:
-                # aiohttp re-arms it after the response; a held long-poll
-                # need not keep a timer (~600 B) meanwhile.
-                self._keepalive_handle.cancel()
-                self._keepalive_handle = None
+        if busy:
+            # aiohttp re-arms it after the response; a held long-poll need
+            # not keep a timer (~600 B) meanwhile.
+            self.stop_keepalive_timer()
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
         elif self._head_timer is None and data:
-            self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
 
     # -- refusals ----------------------------------------------------------------------
 
@@ -228,12 +223,12 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         other than HTTP/1.x, a head over the limit each end the connection;
         the first such one is answered (after those before it), nothing after
         it is read or forwarded."""
-        messages = self._messages
+        messages = self.messages
         first = len(messages) - new
         over = self._rx - self._mark > self._max_head
         for i in range(first, len(messages)):
             msg = messages[i][0]
-            if isinstance(msg, web_protocol._ErrInfo):
+            if isinstance(msg, compat.ErrInfo):
                 if i == first:
                     self._refused_line = self._line_of(data, start)
             else:
@@ -245,8 +240,8 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
                     exc = _Refused(431, "request head too large", "head_too_large", msg)
                 else:
                     continue
-                messages[i] = (web_protocol._ErrInfo(status=exc.status, exc=exc,
-                                                     message=exc.reason), EMPTY_PAYLOAD)
+                messages[i] = (compat.ErrInfo(status=exc.status, exc=exc, message=exc.reason),
+                               EMPTY_PAYLOAD)
             while len(messages) > i + 1:
                 messages.pop()
             self._refused = True
@@ -267,26 +262,24 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
     def _refuse_incomplete_head(self, data: bytes, start: int) -> None:
         self._refused_line = self._line_of(data, start)
         exc = _Refused(431, "request head too large", "head_too_large")
-        self._messages.append(
-            (web_protocol._ErrInfo(status=431, exc=exc, message=exc.reason), EMPTY_PAYLOAD))
+        self.messages.append(
+            (compat.ErrInfo(status=431, exc=exc, message=exc.reason), EMPTY_PAYLOAD))
         self._refused = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wake()
 
     def _fail_body_on_parse_error(self) -> None:
         """Invalid framing in the middle of a body being forwarded (a bad chunk
         size, say): aiohttp drops the body stream silently and queues a 400
         behind the request. Fail the body instead, so the handler aborts the
         upstream request and answers 400 at once (SPEC section 5)."""
-        msg = self._messages[-1][0]
-        request = self._current_request
-        if not isinstance(msg, web_protocol._ErrInfo) or request is None:
+        msg = self.messages[-1][0]
+        request = self.current_request
+        if not isinstance(msg, compat.ErrInfo) or request is None:
             return
         content = request.content
         if content.is_eof():
             return
-        self._messages.pop()  # answered by the handler, not by a second 400
+        self.messages.pop()  # answered by the handler, not by a second 400
         content.set_exception(http_exceptions.BadHttpMessage(msg.message))
         content.feed_eof()  # nothing to linger for: the connection closes after
 
@@ -320,7 +313,7 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
             return _plain_error(request, super().handle_error(request, status, exc, message))
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun")
-        handler = self._manager.handler  # type: ignore[union-attr]
+        handler = self.server.handler
         gen = handler.gen
         rid = new_request_id()
         body, ctype = error_body(status, reason, matrix=True)
@@ -342,7 +335,7 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self._request_in_progress and not self._messages:
+        if not self.busy():
             log.debug("closing a connection whose request head did not arrive in time")
             self.force_close()
 
@@ -368,14 +361,14 @@ def _plain_error(request: Any, page: web.StreamResponse) -> web.Response:
     return resp
 
 
-class _GateRequest(web.BaseRequest):
+class _GateRequest(compat.Request):
     """A request whose gate-made responses name no software: aiohttp gives
-    every response it frames ``Server: Python/3.x aiohttp/3.y``
-    (``StreamResponse._prepare_headers``), and this hook runs after that,
-    before the head is written. Forwarded responses frame themselves
-    (:mod:`response`) and never pass here: their ``Server`` is the upstream's."""
+    every response it frames ``Server: Python/3.x aiohttp/3.y``, and this
+    hook runs after that, before the head is written. Forwarded responses
+    frame themselves (:mod:`response`) and never pass here: their ``Server``
+    is the upstream's."""
 
-    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+    def before_head(self, response: web.StreamResponse) -> None:
         response.headers.popall("Server", None)
 
 
@@ -391,7 +384,7 @@ class _RefusedRecord:
         self.error = word
 
 
-class GateServer(web.Server):
+class GateServer(compat.Server):
     """``web.Server`` (no router: the router matches decoded paths) making
     :class:`_HeadTimeoutProtocol` connections for one listener of one
     generation."""
@@ -420,16 +413,14 @@ class GateServer(web.Server):
         #: PROXY header, TLS after it, per-client connection cap (prelude.py)
         self.prelude: preludemod.Prelude | None = None
 
+    request_class = _GateRequest
+
     def __call__(self) -> Any:
-        proto = _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
-                                     **self._kwargs)
+        proto = _HeadTimeoutProtocol(self, self._header_timeout, loop=self.loop,
+                                     **self.protocol_kwargs)
         if self.prelude is not None:
             return self.prelude(proto)
         return proto
-
-    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
-                      task: Any) -> web.BaseRequest:
-        return _GateRequest(message, payload, protocol, writer, task, self._loop)
 
     def connection_made(self, handler: web_protocol.RequestHandler,
                         transport: asyncio.Transport) -> None:
@@ -448,7 +439,7 @@ class GateServer(web.Server):
         # The handler task (cancelled by aiohttp right after this) may still
         # be unwinding a request that uses this generation's pool: the
         # connection counts until the task has ended.
-        task = handler._task_handler
+        task = compat.handler_task(handler)
         if task is not None and not task.done():
             task.add_done_callback(lambda _: self._gone(handler))
         else:

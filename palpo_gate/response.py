@@ -8,7 +8,8 @@ the upstream's header bytes as they came (hop-by-hop ones removed by
 :mod:`headers`), decides the framing once (RFC 9112 section 6), and sends the
 head together with the first body bytes: a small response is one write.
 
-It stays a ``StreamResponse`` so aiohttp's connection loop can finish it and
+It stays a ``StreamResponse`` (:class:`compat.StreamResponse`, which names
+the aiohttp internals it sets) so aiohttp's connection loop can finish it and
 read its keep-alive decision as for any other response.
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+
+from .compat import StreamResponse
 
 #: Wait for the client once this much is buffered toward it (backpressure),
 #: and the transport's own high-water mark (uvloop's default is 64 KiB, and
@@ -31,7 +34,7 @@ def _gone() -> ConnectionResetError:
     return ConnectionResetError("client connection closed")
 
 
-class ProxiedResponse(web.StreamResponse):
+class ProxiedResponse(StreamResponse):
     """A response whose head bytes come from the upstream."""
 
     def __init__(self, status: int, reason: bytes, header_block: bytes,
@@ -46,6 +49,9 @@ class ProxiedResponse(web.StreamResponse):
         self._pending: bytes | None = None
         self._sent = 0
         self._drain_writer: Any = None
+        self._writer: Any = None  # the payload writer, until the end is sent
+        self._client: web.BaseRequest | None = None  # likewise, the request
+        self._finished = False
 
     @property
     def started(self) -> bool:
@@ -54,15 +60,16 @@ class ProxiedResponse(web.StreamResponse):
 
     def start(self, request: web.BaseRequest) -> None:
         """Decide the framing and build the head (sent with the first body bytes)."""
-        if self._eof_sent or self._payload_writer is not None:
+        writer = self.claim_writer(request)
+        if writer is None:
             return
-        self._req = request
-        self._payload_writer = self._drain_writer = request._payload_writer
+        self._writer = self._drain_writer = writer
+        self._client = request
         transport = request.transport
         if transport is not None:
             transport.set_write_buffer_limits(_HIGH_WATER)
         version = request.version
-        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
+        keep_alive = request.keep_alive if self.keep_alive is None else self.keep_alive
         # HTTP/1.1 to 1.0 clients too: the highest version the gate speaks
         # (RFC 9110 section 2.5); keep-alive for them is spelled out below.
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, self._reason_bytes or b"-"),
@@ -84,7 +91,7 @@ class ProxiedResponse(web.StreamResponse):
         elif version < (1, 1):
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self._keep_alive = keep_alive
+        self.set_keep_alive(keep_alive)
         self._pending = b"".join(lines)
 
     def send(self, data: bytes, last: bool = False) -> bool:
@@ -93,7 +100,7 @@ class ProxiedResponse(web.StreamResponse):
         Returns True when the client is behind and the caller should
         ``await drain()`` before sending more.
         """
-        if self._eof_sent:
+        if self._finished:
             return False
         if self._chunked_out:
             if data:
@@ -103,12 +110,12 @@ class ProxiedResponse(web.StreamResponse):
         if self._pending is not None:
             data = self._pending + data
             self._pending = None
-        request = self._req
-        writer = self._payload_writer
+        request = self._client
+        writer = self._writer
         if last:
-            self._eof_sent = True
-            self._req = None
-            self._payload_writer = None
+            self._finished = True
+            self._client = self._writer = None
+            self.mark_finished(self._sent + len(data))
         if not data:
             return False
         transport = request.transport if request is not None else None
@@ -116,7 +123,6 @@ class ProxiedResponse(web.StreamResponse):
             raise _gone()
         transport.write(data)
         self._sent += len(data)
-        self._body_length = self._sent
         if writer is not None:
             writer.output_size += len(data)
         return transport.get_write_buffer_size() > _HIGH_WATER
@@ -131,7 +137,7 @@ class ProxiedResponse(web.StreamResponse):
         self.start(request)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        writer = self._payload_writer
+        writer = self._writer
         if self.send(bytes(data)) and writer is not None:
             await writer.drain()
 
