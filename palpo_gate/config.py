@@ -1127,6 +1127,34 @@ def _days(x: float) -> str | float:
     return f"{int(x // 86400)}d" if x % 86400 == 0 else _seconds(x)
 
 
+def _dump_listener(lst: Listener) -> list[str]:
+    """One ``[[listeners]]`` entry of :func:`dump`."""
+    out: list[str] = []
+    out.append("\n[[listeners]]")
+    out.append(f"name = {_toml_value(lst.name)}")
+    out.append(f"bind = {_toml_value(str(lst.bind))}")
+    out.append(f"role = {_toml_value(lst.role)}")
+    out.append(f"prefixes = {_toml_value(list(lst.prefixes))}")
+    if lst.hosts is not None:
+        out.append(f"hosts = {_toml_value(lst.hosts)}")
+    if lst.proxy_protocol:
+        out.append("proxy_protocol = true")
+    if lst.tls:
+        out.append("[listeners.tls]")
+        if lst.tls.cert:
+            out.append(f"cert = {_toml_value(lst.tls.cert)}")
+            out.append(f"key = {_toml_value(lst.tls.key)}")
+        out.append(f"strict_sni = {_toml_value(lst.tls.strict_sni)}")
+        if lst.tls.acme:
+            out.append("acme = true")
+        for s in lst.tls.sni:
+            out.append("[[listeners.tls.sni]]")
+            out.append(f"names = {_toml_value(list(s.names))}")
+            out.append(f"cert = {_toml_value(s.cert)}")
+            out.append(f"key = {_toml_value(s.key)}")
+    return out
+
+
 def dump(cfg: Config) -> str:
     """The effective config as TOML that :func:`loads` reads back to the same Config."""
     out: list[str] = [f"# effective configuration from {cfg.source}"]
@@ -1141,28 +1169,7 @@ def dump(cfg: Config) -> str:
     section("upstream", [("url", u.url), ("connect_timeout", _seconds(u.connect_timeout)),
                          ("read_timeout", _seconds(u.read_timeout)), ("pool_size", u.pool_size)])
     for lst in cfg.listeners:
-        out.append("\n[[listeners]]")
-        out.append(f"name = {_toml_value(lst.name)}")
-        out.append(f"bind = {_toml_value(str(lst.bind))}")
-        out.append(f"role = {_toml_value(lst.role)}")
-        out.append(f"prefixes = {_toml_value(list(lst.prefixes))}")
-        if lst.hosts is not None:
-            out.append(f"hosts = {_toml_value(lst.hosts)}")
-        if lst.proxy_protocol:
-            out.append("proxy_protocol = true")
-        if lst.tls:
-            out.append("[listeners.tls]")
-            if lst.tls.cert:
-                out.append(f"cert = {_toml_value(lst.tls.cert)}")
-                out.append(f"key = {_toml_value(lst.tls.key)}")
-            out.append(f"strict_sni = {_toml_value(lst.tls.strict_sni)}")
-            if lst.tls.acme:
-                out.append("acme = true")
-            for s in lst.tls.sni:
-                out.append("[[listeners.tls.sni]]")
-                out.append(f"names = {_toml_value(list(s.names))}")
-                out.append(f"cert = {_toml_value(s.cert)}")
-                out.append(f"key = {_toml_value(s.key)}")
+        out.extend(_dump_listener(lst))
     if cfg.well_known:
         w = cfg.well_known
         section("well_known", [("server", w.server or None), ("client", w.client or None),

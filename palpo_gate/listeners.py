@@ -197,12 +197,7 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
             elif clean and clean_before:
                 self._mark = rx
         if not clean and self.upgraded:
-            # A request with "Upgrade: websocket" (or CONNECT): aiohttp would
-            # parse what follows only after the answer, outside these checks.
-            # The gate never switches protocols (Upgrade is not forwarded),
-            # so that request is the connection's last.
-            self.drop_message_tail()
-            self.close()
+            self._last_request()
         busy = self.busy()
         if busy and self.in_request() and self.messages:
             self._fail_body_on_parse_error()
@@ -215,6 +210,14 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
                 self._head_timer = None
         elif self._head_timer is None and data:
             self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _last_request(self) -> None:
+        """A request with "Upgrade: websocket" (or CONNECT): aiohttp would
+        parse what follows only after the answer, outside these checks. The
+        gate never switches protocols (Upgrade is not forwarded), so that
+        request is the connection's last."""
+        self.drop_message_tail()
+        self.close()
 
     # -- refusals ----------------------------------------------------------------------
 
