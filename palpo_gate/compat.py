@@ -30,6 +30,9 @@ ErrInfo = web_protocol._ErrInfo
 C_PARSER = web_protocol.HttpRequestParser.__module__ == "aiohttp._http_parser"
 
 
+_data_received = web_protocol.RequestHandler.data_received
+
+
 class RequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler (``web_protocol.RequestHandler``, one per
     client connection) with the internals the gate reads named.
@@ -67,26 +70,36 @@ class RequestHandler(web_protocol.RequestHandler):
         """The parser saw ``Upgrade`` / CONNECT and stopped parsing."""
         return self._upgraded
 
-    def parser_may_hold_bytes(self) -> bool:
-        """Reading is paused or the parser stopped at an upgrade: bytes read
-        may wait in aiohttp unparsed."""
-        return self._reading_paused or self._buffer_paused or self._upgraded
-
-    def in_request(self) -> bool:
-        """A request is being handled."""
-        return self._request_in_progress
+    def feed(self, data: bytes) -> tuple[bool, int]:
+        """aiohttp's ``data_received(data)``; then whether bytes read may wait
+        in aiohttp unparsed (reading paused, or the parser stopped at an
+        upgrade), and how many heads were parsed so far. One call per read:
+        this runs on every request."""
+        _data_received(self, data)
+        return (self._reading_paused or self._buffer_paused or self._upgraded,
+                self._request_count)
 
     def busy(self) -> bool:
         """A request is being handled or waits to be."""
         return self._request_in_progress or bool(self._messages)
 
-    def stop_keepalive_timer(self) -> None:
-        """Cancel the idle keep-alive timer (aiohttp arms it again after the
-        response)."""
+    def hold_while_busy(self) -> int:
+        """After a read: 0 when no request is handled or queued; else the idle
+        keep-alive timer is stopped (aiohttp arms it again after the
+        response, and a held long-poll need not keep a timer meanwhile) and
+        the answer is 1, or 2 when a message is queued behind the request
+        being handled (a parse error in its body, say)."""
+        if self._request_in_progress:
+            state = 2 if self._messages else 1
+        elif self._messages:
+            state = 1
+        else:
+            return 0
         handle = self._keepalive_handle
         if handle is not None:
             handle.cancel()
             self._keepalive_handle = None
+        return state
 
     def drop_message_tail(self) -> None:
         """Forget the bytes aiohttp kept after an upgrade request."""
@@ -166,18 +179,19 @@ class StreamResponse(web.StreamResponse):
     ``body_length`` (``_body_length``) after the handler returned.
     """
 
-    def claim_writer(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        """Start this response on *request*: its payload writer, or None when
+    __slots__ = ()
+
+    def claim_writer(self, request: web.BaseRequest,
+                     keep_alive: bool) -> AbstractStreamWriter | None:
+        """Start this response on *request* with the keep-alive decision
+        aiohttp's connection loop acts on: the payload writer, or None when
         the response was started or finished already."""
         if self._eof_sent or self._payload_writer is not None:
             return None
         self._req = request
+        self._keep_alive = keep_alive
         writer = self._payload_writer = request._payload_writer
         return writer
-
-    def set_keep_alive(self, keep_alive: bool) -> None:
-        """The keep-alive decision aiohttp's connection loop acts on."""
-        self._keep_alive = keep_alive
 
     def mark_finished(self, body_length: int) -> None:
         """The whole response was written (as ``write_eof`` records it)."""

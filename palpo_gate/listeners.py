@@ -98,9 +98,6 @@ def _parser_reason(exc: BaseException) -> str:
     return text.strip() or type(exc).__name__
 
 
-_data_received = web_protocol.RequestHandler.data_received
-
-
 class _HeadTimeoutProtocol(compat.RequestHandler):
     """aiohttp's connection handler plus the limits of a request head.
 
@@ -156,11 +153,11 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         if self._refused:
             return
         start = self._rx
-        _data_received(self, data)  # aiohttp's; cheaper than super() on every read
+        holding, count = self.feed(data)  # aiohttp's data_received
         rx = self._rx = start + len(data)
         clean_before = self._clean
-        clean = self._clean = not self.parser_may_hold_bytes()
-        new = self.request_count - self._seen
+        clean = self._clean = not holding
+        new = count - self._seen
         if new:
             self._seen += new
             msg, payload = self.messages[-1]
@@ -198,13 +195,10 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
                 self._mark = rx
         if not clean and self.upgraded:
             self._last_request()
-        busy = self.busy()
-        if busy and self.in_request() and self.messages:
-            self._fail_body_on_parse_error()
+        busy = self.hold_while_busy()
         if busy:
-            # aiohttp re-arms it after the response; a held long-poll need
-            # not keep a timer (~600 B) meanwhile.
-            self.stop_keepalive_timer()
+            if busy == 2:
+                self._fail_body_on_parse_error()
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None

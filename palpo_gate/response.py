@@ -37,6 +37,11 @@ def _gone() -> ConnectionResetError:
 class ProxiedResponse(StreamResponse):
     """A response whose head bytes come from the upstream."""
 
+    # Its own fields in slots: they stay out of the instance dict aiohttp's
+    # StreamResponse fills, which keeps every attribute access cheap.
+    __slots__ = ("_block", "_chunked_out", "_client", "_drain_writer", "_finished", "_forced",
+                 "_length", "_no_body", "_pending", "_reason_bytes", "_sent", "_writer")
+
     def __init__(self, status: int, reason: bytes, header_block: bytes,
                  length: int | None, no_body: bool) -> None:
         super().__init__(status=status)
@@ -52,6 +57,7 @@ class ProxiedResponse(StreamResponse):
         self._writer: Any = None  # the payload writer, until the end is sent
         self._client: web.BaseRequest | None = None  # likewise, the request
         self._finished = False
+        self._forced = False  # force_close() was called
 
     @property
     def started(self) -> bool:
@@ -60,20 +66,15 @@ class ProxiedResponse(StreamResponse):
 
     def start(self, request: web.BaseRequest) -> None:
         """Decide the framing and build the head (sent with the first body bytes)."""
-        writer = self.claim_writer(request)
-        if writer is None:
-            return
-        self._writer = self._drain_writer = writer
-        self._client = request
-        transport = request.transport
-        if transport is not None:
-            transport.set_write_buffer_limits(_HIGH_WATER)
+        if self._writer is not None or self._finished:
+            return  # started already (aiohttp's loop calls prepare() after the handler)
         version = request.version
-        keep_alive = request.keep_alive if self.keep_alive is None else self.keep_alive
+        keep_alive = not self._forced and request.keep_alive
         # HTTP/1.1 to 1.0 clients too: the highest version the gate speaks
         # (RFC 9110 section 2.5); keep-alive for them is spelled out below.
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, self._reason_bytes or b"-"),
                  self._block]
+        chunked = False
         if self._length is not None:
             # Kept as the upstream sent it (for HEAD too: the length of the GET).
             if self.status != 204:
@@ -81,7 +82,7 @@ class ProxiedResponse(StreamResponse):
         elif self._no_body:
             pass
         elif version >= (1, 1):
-            self._chunked_out = True
+            chunked = True
             lines.append(b"Transfer-Encoding: chunked\r\n")
         else:
             keep_alive = False  # an HTTP/1.0 body without a length ends at close
@@ -91,8 +92,20 @@ class ProxiedResponse(StreamResponse):
         elif version < (1, 1):
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self.set_keep_alive(keep_alive)
+        writer = self.claim_writer(request, keep_alive)
+        if writer is None:
+            return  # started by aiohttp's own prepare()
+        self._writer = self._drain_writer = writer
+        self._client = request
+        self._chunked_out = chunked
+        transport = request.transport
+        if transport is not None:
+            transport.set_write_buffer_limits(_HIGH_WATER)
         self._pending = b"".join(lines)
+
+    def force_close(self) -> None:
+        super().force_close()
+        self._forced = True
 
     def send(self, data: bytes, last: bool = False) -> bool:
         """Frame and write *data* (and the end of the body if *last*).

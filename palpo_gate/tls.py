@@ -21,9 +21,6 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 if TYPE_CHECKING:
     from .config import Tls
 
@@ -65,6 +62,11 @@ def _context(cert: str, key: str, where: str, errors: list[str]) -> ssl.SSLConte
 def cert_names(cert: str) -> set[str]:
     """DNS names, IP addresses and CN of the first certificate in a PEM chain,
     lower-case; empty when the file cannot be read as one."""
+    # Imported here: only the load needs it, and the serving process's heap
+    # (which every full garbage collection walks) is smaller without it.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         with open(cert, "rb") as fh:
             first = x509.load_pem_x509_certificate(fh.read())

@@ -83,7 +83,7 @@ async def test_hooks_run_over_a_real_connection() -> None:
         conn = request.protocol
         assert isinstance(conn, compat.RequestHandler)
         seen["type"] = type(request).__name__
-        seen["busy"] = compat.is_busy(conn) and conn.busy() and conn.in_request()
+        seen["busy"] = compat.is_busy(conn) and conn.busy() and conn.hold_while_busy() == 1
         seen["current"] = conn.current_request is request
         seen["count"] = conn.request_count
         task = compat.handler_task(conn)
@@ -123,10 +123,9 @@ async def test_stream_response_claim_and_finish() -> None:
 
     class Resp(compat.StreamResponse):
         async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
-            writer = self.claim_writer(request)
+            writer = self.claim_writer(request, False)
             written["first"] = writer is not None and self.prepared
-            written["again"] = self.claim_writer(request) is None
-            self.set_keep_alive(False)
+            written["again"] = self.claim_writer(request, True) is None
             request.transport.write(  # type: ignore[union-attr]
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
 
