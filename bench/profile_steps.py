@@ -75,7 +75,7 @@ PYSPY_STEPS = {
     "the gate's handler (ListenerHandler.__call__ + _forward)": (
         ("__call__", "palpo_gate/proxy.py"), ("_forward", "palpo_gate/proxy.py")),
     "aiohttp: request parse (RequestHandler.data_received)": (
-        ("data_received", "aiohttp/web_protocol.py"), ("data_received", "palpo_gate/server.py")),
+        ("data_received", "aiohttp/web_protocol.py"), ("data_received", "palpo_gate/listeners.py")),
     "aiohttp: per-request loop (RequestHandler.start)": (("start", "aiohttp/web_protocol.py"),),
     "aiohttp: _handle_request + finish_response": (("_handle_request", "aiohttp/web_protocol.py"),
                                                    ("finish_response", "aiohttp/web_protocol.py")),

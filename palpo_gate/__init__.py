@@ -16,8 +16,12 @@ The design in brief:
 - ``proxy``     the request handler: the IO shell around the pure core,
                 streaming bodies both ways.
 - ``tls``       SSL contexts with SNI, built at load.
-- ``server``    listening sockets, aiohttp's low-level server per listener,
-                connection limits, the run loop and graceful stop.
+- ``listeners`` listening sockets, aiohttp's low-level server per listener,
+                connection limits.
+- ``generation`` one config's runtime, reload and graceful stop.
+- ``process``   the life of one process: signals, reload, systemd.
+- ``supervisor`` ``server.workers`` processes sharing the listeners.
+- ``compat``    every use of aiohttp's internals, in one place.
 - ``accesslog`` one line per request.
 - ``logpipe``   stdout and stderr written without ever blocking the event loop.
 - ``cli``       ``palpo-gate [check] [--config PATH]``.

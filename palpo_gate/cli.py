@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__, logpipe
 from . import config as configmod
+
+if TYPE_CHECKING:
+    from .process import Worker
 
 EXIT_CONFIG = 2
 
@@ -60,22 +63,23 @@ def main(argv: list[str] | None = None) -> int:
                            args.resolver)
     path = getattr(args, "check_config", None) or args.config
     try:
-        cfg = configmod.load(path)
-        from .server import C_PARSER, ssl_contexts
-
-        ssl_contexts(cfg)  # certificates are part of a valid config
+        cfg = configmod.load(path)  # certificates included (tls.pair_problem)
     except configmod.ConfigError as exc:
         return _fail_config(exc)
     if args.command == "check":
         sys.stdout.write(configmod.dump(cfg))
         print(f"palpo-gate: configuration {cfg.source} is valid", file=sys.stderr)
         return 0
+    from .listeners import C_PARSER
+
     return run(cfg, C_PARSER, path)
 
 
 def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
-    worker = os.environ.get("PALPO_GATE_WORKER")
-    who = f"palpo_gate[worker {worker}]" if worker is not None else "%(name)s"
+    from .process import Worker
+
+    worker = Worker.from_env()  # the one reading of this process's role
+    who = f"palpo_gate[worker {worker.index}]" if worker is not None else "%(name)s"
     # stderr through a bounded buffer that never blocks the event loop, as
     # the access lines on stdout (logpipe).
     logging.basicConfig(level=cfg.log.level.upper(), handlers=[logpipe.Handler()],
@@ -86,8 +90,6 @@ def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
                   "binary wheel for this platform); refusing to run with the pure-Python "
                   "parser, which has let request-smuggling vectors through")
         return 1
-    from .run import serve
-
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
@@ -95,7 +97,7 @@ def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
     else:
         runner = uvloop.run
     try:
-        return runner(serve(cfg, path))
+        return runner(serve(cfg, path, worker))
     except configmod.ConfigError as exc:
         logpipe.close_all()  # what was logged comes before the errors
         return _fail_config(exc)
@@ -104,3 +106,18 @@ def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
     finally:
         # Lines still buffered get logpipe.FLUSH_TIMEOUT seconds each.
         logpipe.close_all()
+
+
+async def serve(cfg: configmod.Config, path: str | None, worker: Worker | None) -> int:
+    """Run the gate until SIGTERM / SIGINT; the exit status. One process when
+    ``server.workers`` is 1; else the supervisor, which starts this same
+    program once per worker (*worker* then says which one this is)."""
+    from .process import Process
+
+    if worker is not None:
+        return await Process.for_worker(cfg, path, worker).run()
+    if cfg.server.workers > 1:
+        from .supervisor import Supervisor
+
+        return await Supervisor(cfg, path).run()
+    return await Process(cfg, path).run()

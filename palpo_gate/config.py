@@ -1,9 +1,10 @@
 """The config file: TOML in, one immutable, fully parsed :class:`Config` out.
 
 This module owns the schema of SPEC section 7 and every default in it. It
-opens no socket; it reads the file and checks that each certificate and key
-load as a pair, so that certificate errors are reported with all the others
-(``tls.py`` builds the SSL contexts the listeners use).
+opens no socket; it reads the file and asks :func:`tls.pair_problem` whether
+each certificate and key load as a pair, so that certificate errors are
+reported with all the others (``tls.py`` builds the SSL contexts the
+listeners use).
 
 Rules:
 - Everything is parsed here, once: durations to float seconds, sizes to int
@@ -30,6 +31,8 @@ try:
     import tomllib
 except ImportError:  # pragma: no cover - Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
+
+from .tls import pair_problem
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -79,8 +82,12 @@ class Bind:
             return f"unix:{self.path}"
         if self.kind == "systemd":
             return f"systemd:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (RFC 3986 section 3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,21 +654,11 @@ def _read_tls(r: _Reader, raw: object, p: str) -> Tls | None:
     pairs = [(f"{p}.cert", tls), *((f"{p}.sni[{i}].cert", s) for i, s in enumerate(sni))]
     for where, pair in pairs:
         if pair.cert and pair.key:
-            problem = _cert_pair_problem(pair.cert, pair.key)
+            # Checked here, with the other errors, so that all are reported at once.
+            problem = pair_problem(pair.cert, pair.key)
             if problem:
                 r.error(where, problem)
     return tls
-
-
-def _cert_pair_problem(cert: str, key: str) -> str | None:
-    """Why *cert* and *key* do not load as a pair, or None. Checked here, with
-    the other errors, so that every error is reported at once."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        return f"cannot load certificate {cert} with key {key}: " \
-               f"{getattr(exc, 'reason', None) or exc}"
-    return None
 
 
 def _read_listeners(r: _Reader, raw: object) -> tuple[Listener, ...]:

@@ -5,7 +5,7 @@ them: reading the PROXY protocol header (``proxy_protocol = true``), the TLS
 handshake that follows it on a TLS listener, and the per-client cap on
 concurrent connections (``rate_limits.connections``). Then it hands the
 connection, the bytes read past the header and the client address to
-aiohttp's request handler (:class:`server._HeadTimeoutProtocol`), and is out
+aiohttp's request handler (:class:`listeners._HeadTimeoutProtocol`), and is out
 of the way. A listener that needs none of this never sees this module.
 
 - The header is taken only from a peer in ``forwarding.trusted_proxies``;

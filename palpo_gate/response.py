@@ -8,7 +8,8 @@ the upstream's header bytes as they came (hop-by-hop ones removed by
 :mod:`headers`), decides the framing once (RFC 9112 section 6), and sends the
 head together with the first body bytes: a small response is one write.
 
-It stays a ``StreamResponse`` so aiohttp's connection loop can finish it and
+It stays a ``StreamResponse`` (:class:`compat.StreamResponse`, which names
+the aiohttp internals it sets) so aiohttp's connection loop can finish it and
 read its keep-alive decision as for any other response.
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+
+from .compat import StreamResponse
 
 #: Wait for the client once this much is buffered toward it (backpressure),
 #: and the transport's own high-water mark (uvloop's default is 64 KiB, and
@@ -31,8 +34,13 @@ def _gone() -> ConnectionResetError:
     return ConnectionResetError("client connection closed")
 
 
-class ProxiedResponse(web.StreamResponse):
+class ProxiedResponse(StreamResponse):
     """A response whose head bytes come from the upstream."""
+
+    # Its own fields in slots: they stay out of the instance dict aiohttp's
+    # StreamResponse fills, which keeps every attribute access cheap.
+    __slots__ = ("_block", "_chunked_out", "_client", "_drain_writer", "_finished", "_forced",
+                 "_length", "_no_body", "_pending", "_reason_bytes", "_sent", "_writer")
 
     def __init__(self, status: int, reason: bytes, header_block: bytes,
                  length: int | None, no_body: bool) -> None:
@@ -46,6 +54,10 @@ class ProxiedResponse(web.StreamResponse):
         self._pending: bytes | None = None
         self._sent = 0
         self._drain_writer: Any = None
+        self._writer: Any = None  # the payload writer, until the end is sent
+        self._client: web.BaseRequest | None = None  # likewise, the request
+        self._finished = False
+        self._forced = False  # force_close() was called
 
     @property
     def started(self) -> bool:
@@ -54,19 +66,15 @@ class ProxiedResponse(web.StreamResponse):
 
     def start(self, request: web.BaseRequest) -> None:
         """Decide the framing and build the head (sent with the first body bytes)."""
-        if self._eof_sent or self._payload_writer is not None:
-            return
-        self._req = request
-        self._payload_writer = self._drain_writer = request._payload_writer
-        transport = request.transport
-        if transport is not None:
-            transport.set_write_buffer_limits(_HIGH_WATER)
+        if self._writer is not None or self._finished:
+            return  # started already (aiohttp's loop calls prepare() after the handler)
         version = request.version
-        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
+        keep_alive = not self._forced and request.keep_alive
         # HTTP/1.1 to 1.0 clients too: the highest version the gate speaks
         # (RFC 9110 section 2.5); keep-alive for them is spelled out below.
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, self._reason_bytes or b"-"),
                  self._block]
+        chunked = False
         if self._length is not None:
             # Kept as the upstream sent it (for HEAD too: the length of the GET).
             if self.status != 204:
@@ -74,7 +82,7 @@ class ProxiedResponse(web.StreamResponse):
         elif self._no_body:
             pass
         elif version >= (1, 1):
-            self._chunked_out = True
+            chunked = True
             lines.append(b"Transfer-Encoding: chunked\r\n")
         else:
             keep_alive = False  # an HTTP/1.0 body without a length ends at close
@@ -84,8 +92,20 @@ class ProxiedResponse(web.StreamResponse):
         elif version < (1, 1):
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self._keep_alive = keep_alive
+        writer = self.claim_writer(request, keep_alive)
+        if writer is None:
+            return  # started by aiohttp's own prepare()
+        self._writer = self._drain_writer = writer
+        self._client = request
+        self._chunked_out = chunked
+        transport = request.transport
+        if transport is not None:
+            transport.set_write_buffer_limits(_HIGH_WATER)
         self._pending = b"".join(lines)
+
+    def force_close(self) -> None:
+        super().force_close()
+        self._forced = True
 
     def send(self, data: bytes, last: bool = False) -> bool:
         """Frame and write *data* (and the end of the body if *last*).
@@ -93,7 +113,7 @@ class ProxiedResponse(web.StreamResponse):
         Returns True when the client is behind and the caller should
         ``await drain()`` before sending more.
         """
-        if self._eof_sent:
+        if self._finished:
             return False
         if self._chunked_out:
             if data:
@@ -103,12 +123,12 @@ class ProxiedResponse(web.StreamResponse):
         if self._pending is not None:
             data = self._pending + data
             self._pending = None
-        request = self._req
-        writer = self._payload_writer
+        request = self._client
+        writer = self._writer
         if last:
-            self._eof_sent = True
-            self._req = None
-            self._payload_writer = None
+            self._finished = True
+            self._client = self._writer = None
+            self.mark_finished(self._sent + len(data))
         if not data:
             return False
         transport = request.transport if request is not None else None
@@ -116,7 +136,6 @@ class ProxiedResponse(web.StreamResponse):
             raise _gone()
         transport.write(data)
         self._sent += len(data)
-        self._body_length = self._sent
         if writer is not None:
             writer.output_size += len(data)
         return transport.get_write_buffer_size() > _HIGH_WATER
@@ -131,7 +150,7 @@ class ProxiedResponse(web.StreamResponse):
         self.start(request)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        writer = self._payload_writer
+        writer = self._writer
         if self.send(bytes(data)) and writer is not None:
             await writer.drain()
 

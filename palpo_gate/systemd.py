@@ -13,7 +13,7 @@ written against its man page and libsystemd's ``sd-daemon.c``:
   (sd_listen_fds_with_names(3)): listening sockets passed at fd 3, 4, …
 
 It must not import aiohttp, read the gate's config or decide *when* to
-notify: the run loop (:mod:`run`) does that. A notification is advice to the
+notify: the process (:mod:`process`, :mod:`supervisor`) does that. A notification is advice to the
 service manager, so :func:`notify` never raises into the run loop; outside
 systemd (no ``NOTIFY_SOCKET``) every call is a cheap no-op.
 """

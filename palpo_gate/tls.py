@@ -8,15 +8,21 @@ strict SNI (an unknown or missing name fails the handshake, like HAProxy's
 certificate that failed. A listener with ``tls.acme`` also serves the
 certificate :mod:`palpo_gate.acme` obtains, read at each handshake so that a
 renewal reaches new handshakes without a reload.
+
+It is the one place certificate files are loaded: :mod:`config` asks
+:func:`pair_problem` while it reads the file (so certificate errors come with
+all the others), the running gate builds its contexts with :func:`build`.
+It imports nothing of the gate at run time (config imports it).
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .config import ConfigError, Tls
+if TYPE_CHECKING:
+    from .config import Tls
 
 
 def server_context(cert: str, key: str | None = None,
@@ -33,27 +39,51 @@ def server_context(cert: str, key: str | None = None,
     return ctx
 
 
-def _context(cert: str, key: str, where: str, errors: list[str]) -> ssl.SSLContext | None:
+def _load(cert: str, key: str) -> tuple[ssl.SSLContext | None, str | None]:
     try:
-        return server_context(cert, key)
+        return server_context(cert, key), None
     except (ssl.SSLError, OSError) as exc:
-        errors.append(f"{where}: cannot load certificate {cert} with key {key}: "
+        return None, (f"cannot load certificate {cert} with key {key}: "
                       f"{getattr(exc, 'reason', None) or exc}")
-        return None
+
+
+def pair_problem(cert: str, key: str) -> str | None:
+    """Why *cert* and *key* do not load as a pair, or None."""
+    return _load(cert, key)[1]
+
+
+def _context(cert: str, key: str, where: str, errors: list[str]) -> ssl.SSLContext | None:
+    ctx, problem = _load(cert, key)
+    if problem is not None:
+        errors.append(f"{where}: {problem}")
+    return ctx
 
 
 def cert_names(cert: str) -> set[str]:
-    """DNS names (and CN) of the first certificate in a PEM chain, lower-case."""
+    """DNS names, IP addresses and CN of the first certificate in a PEM chain,
+    lower-case; empty when the file cannot be read as one."""
+    # Imported here: only the load needs it, and the serving process's heap
+    # (which every full garbage collection walks) is smaller without it.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
-        info = ssl._ssl._test_decode_cert(cert)  # type: ignore[attr-defined]
-    except Exception:
+        with open(cert, "rb") as fh:
+            first = x509.load_pem_x509_certificate(fh.read())
+    except (OSError, ValueError):
         return set()
-    names = {v.lower() for k, v in info.get("subjectAltName", ()) if k in ("DNS", "IP Address")}
-    for rdn in info.get("subject", ()):
-        for k, v in rdn:
-            if k == "commonName":
-                names.add(v.lower())
-    return names
+    names: set[str] = set()
+    try:
+        san = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        names.update(san.get_values_for_type(x509.DNSName))
+        names.update(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+    for attr in first.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        if isinstance(attr.value, str):
+            names.add(attr.value)
+    return {name.lower() for name in names}
 
 
 def _matches(name: str, table: dict[str, ssl.SSLContext]) -> ssl.SSLContext | None:
@@ -128,12 +158,14 @@ class CertSet:
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
 
-def build(tls: Tls, where: str, acme: AcmeCertificate | None = None) -> CertSet | None:
-    """The certificates of one listener's ``tls`` table, loaded. With
-    ``tls.acme``, *acme* serves acme.domains (and is the default when no file
-    pair is given); without it (``check``) such a listener has nothing to
+def build(tls: Tls, where: str, acme: AcmeCertificate | None,
+          errors: list[str]) -> CertSet | None:
+    """The certificates of one listener's ``tls`` table, loaded; None with
+    what failed added to *errors* (each naming its key path under *where*).
+    With ``tls.acme``, *acme* serves acme.domains (and is the default when no
+    file pair is given); without it (``check``) such a listener has nothing to
     load and gives None."""
-    errors: list[str] = []
+    before = len(errors)
     default = _context(tls.cert, tls.key, f"{where}.cert", errors) if tls.cert else None
     by_name: dict[str, ssl.SSLContext] = {}
     for i, sni in enumerate(tls.sni):
@@ -141,13 +173,13 @@ def build(tls: Tls, where: str, acme: AcmeCertificate | None = None) -> CertSet 
         if ctx is not None:
             for name in sni.names:
                 by_name.setdefault(name, ctx)
-    if errors:
-        raise ConfigError(errors)
+    if len(errors) > before:
+        return None
     acme = acme if tls.acme else None
     if default is None and acme is None:
-        if tls.acme:
-            return None
-        raise ConfigError([f"{where}.cert: required"])
+        if not tls.acme:
+            errors.append(f"{where}.cert: required")
+        return None
     return CertSet(default, (tls.cert, tls.key), by_name,
                    cert_names(tls.cert) if tls.cert else set(), tls.strict_sni, acme)
 

@@ -720,9 +720,10 @@ challenge = "tls-alpn-01"
 
 
 async def test_reload_that_adds_acme_is_refused(tmp_path: pathlib.Path) -> None:
+    from support.gate import running_gate
+
     from palpo_gate import config as configmod
     from palpo_gate.config import ConfigError
-    from support.gate import running_gate
 
     plain = '[[listeners]]\nname = "main"\nbind = "127.0.0.1:0"\n'
     async with running_gate(plain) as gate:

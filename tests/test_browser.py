@@ -34,8 +34,8 @@ from support.recorder import recorder
 
 from palpo_gate import config as configmod
 from palpo_gate.errors import error_body
+from palpo_gate.generation import Gate
 from palpo_gate.metrics import Registry
-from palpo_gate.server import Gate
 from palpo_gate.wellknown import CORS_HEADERS
 
 PREFLIGHT = ("Origin: http://app.example\r\n"

@@ -26,8 +26,8 @@ from support.recorder import Recorder
 from support.upstream_thread import threaded_upstream
 
 from palpo_gate import config as configmod
+from palpo_gate.generation import Gate
 from palpo_gate.proxyproto import v1, v2
-from palpo_gate.server import Gate
 
 LOGIN = "/_matrix/client/v3/login"
 SYNC = "/_matrix/client/v3/sync"

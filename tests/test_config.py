@@ -698,7 +698,7 @@ def _example_with(pem: dict[str, str]) -> str:
 
 
 def test_example_loads_with_real_certificates(pem: dict[str, str]) -> None:
-    from palpo_gate.server import ssl_contexts
+    from palpo_gate.generation import ssl_contexts
 
     cfg = loads(_example_with(pem), str(EXAMPLE))
     assert [(lst.name, str(lst.bind), lst.role) for lst in cfg.listeners] == [

@@ -29,9 +29,9 @@ from support.upstream_thread import threaded_upstream
 
 from palpo_gate import config as configmod
 from palpo_gate.config import Rate
+from palpo_gate.generation import Gate
 from palpo_gate.metrics import Registry
 from palpo_gate.ratelimit import limited_route, refusal
-from palpo_gate.server import Gate
 
 CORS = {
     "Access-Control-Allow-Origin": "*",

@@ -25,7 +25,7 @@ from support.client import Conn, get
 from support.gate import gate_toml, port_of, running_gate
 from support.recorder import Recorder, recorder
 
-from palpo_gate.server import Gate
+from palpo_gate.generation import Gate
 
 DEFAULT_NAMES = {"localhost", "127.0.0.1", "matrix.test"}
 OTHER_NAMES = {"other.test"}

@@ -16,7 +16,7 @@ from support.client import Conn, Resp, fetch, get
 from support.gate import gate_toml, port_of, running_gate
 from support.recorder import Recorder, recorder
 
-from palpo_gate.server import Gate
+from palpo_gate.generation import Gate
 
 WELL_KNOWN = """
 [well_known]

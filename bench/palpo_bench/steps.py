@@ -77,8 +77,8 @@ def ablate(names: list[str]) -> None:
             # (which also cancels the keep-alive timer on every request).
             from aiohttp import web_protocol
 
-            from palpo_gate import server
-            server._HeadTimeoutProtocol.data_received = (  # type: ignore[method-assign]
+            from palpo_gate import listeners
+            listeners._HeadTimeoutProtocol.data_received = (  # type: ignore[method-assign]
                 web_protocol.RequestHandler.data_received)
         elif name == "gcoff":
             # The cyclic collector's whole share (an upper bound; not a change to make).
@@ -92,8 +92,8 @@ def ablate(names: list[str]) -> None:
 
             import aiohttp.web  # noqa: F401
 
-            import palpo_gate.run
-            import palpo_gate.server  # noqa: F401
+            import palpo_gate.generation
+            import palpo_gate.process  # noqa: F401
             gc.collect()
             gc.freeze()
         else:

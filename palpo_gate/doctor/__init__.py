@@ -34,10 +34,7 @@ async def diagnose(config_path: str | None, *, cafile: str | None = None,
     ``palpo-gate check`` does it (certificates included)."""
     source = config_path or "<built-in default>"
     try:
-        cfg = configmod.load(config_path)
-        from ..server import ssl_contexts
-
-        ssl_contexts(cfg)
+        cfg = configmod.load(config_path)  # certificates included (tls.pair_problem)
     except configmod.ConfigError as exc:
         return [checks.config_result(source, exc.errors)]
     from . import fetch

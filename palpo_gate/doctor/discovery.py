@@ -26,6 +26,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..config import join_host_port
 from .facts import Lookup
 
 DEFAULT_PORT = 8448
@@ -58,10 +59,6 @@ class Route:
     def describe(self) -> str:
         targets = ", ".join(f"{join_host_port(h, p)}" for h, p in self.targets)
         return f"{self.via} → {targets}" if targets else self.via
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def is_ip(host: str) -> bool:

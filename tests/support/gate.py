@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from palpo_gate import config as configmod
-from palpo_gate.server import Gate
+from palpo_gate.generation import Gate
 from support.notify import notify_socket
 
 

@@ -18,8 +18,9 @@ request itself. It:
   slots for all workers (:class:`ratelimit.SharedStore`, one socket pair
   per worker), so that several workers do not multiply a client's budget.
 
-Each worker runs :class:`run.Process` and reports on a pipe: ``R`` ready,
-``H`` reloaded, ``F`` reload failed.
+Each worker runs :class:`process.Process` and reports on a pipe
+(``process.REPORT_*``): ready, reloaded, reload failed. The signal wiring,
+the reload loop and the watchdog are :mod:`process`'s, shared.
 """
 
 from __future__ import annotations
@@ -38,27 +39,29 @@ from collections.abc import Callable
 from . import config as configmod
 from . import metrics as metricsmod
 from . import ratelimit, systemd
-from .run import start_watchdog
-from .server import bind_socket, cert_sets, serve_metrics, systemd_sockets
+from .generation import cert_sets
+from .listeners import bind_socket, systemd_sockets
+from .process import (
+    ENV_FDS,
+    ENV_METRICS_DIR,
+    ENV_REPORT_FD,
+    ENV_WORKER,
+    REPORT_FAILED,
+    REPORT_READY,
+    REPORT_RELOADED,
+    Signals,
+    cancel,
+    log_reload_failure,
+    reload_loop,
+    start_metrics_listener,
+    start_task,
+    start_watchdog,
+)
 
 log = logging.getLogger("palpo_gate")
 
-ENV_WORKER = "PALPO_GATE_WORKER"  # the worker's index
-ENV_FDS = "PALPO_GATE_FDS"  # "key=fd;key=fd": sockets handed down
-ENV_REPORT_FD = "PALPO_GATE_REPORT_FD"  # the pipe a worker reports on
-ENV_METRICS_DIR = "PALPO_GATE_METRICS_DIR"  # where a worker writes its metrics snapshot
-
 #: How long a restarted worker waits after a crash, growing while it keeps crashing.
 _BACKOFF = (0.5, 1, 2, 5, 10, 30)
-
-
-def inherited_sockets() -> dict[str, socket.socket]:
-    """In a worker: the sockets the supervisor handed down, by key."""
-    out: dict[str, socket.socket] = {}
-    for item in filter(None, os.environ.get(ENV_FDS, "").split(";")):
-        key, _, fd = item.rpartition("=")
-        out[key] = socket.socket(fileno=int(fd))
-    return out
 
 
 class _Worker:
@@ -76,9 +79,9 @@ class _ReportProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for ch in data.decode("ascii", "replace"):
-            if ch == "R":
+            if ch == REPORT_READY:
                 self.worker.ready.set()
-            elif ch in "HF":
+            elif ch in (REPORT_RELOADED, REPORT_FAILED):
                 self.worker.reports.put_nowait(ch)
 
 
@@ -94,8 +97,7 @@ class Supervisor:
         self._handed: dict[str, socket.socket] = {}
         self._metrics_dir = ""
         self._metrics_server: asyncio.AbstractServer | None = None
-        self._stop = asyncio.Event()
-        self._reload = asyncio.Event()
+        self._signals = Signals()
         self._store: ratelimit.SharedStore | None = None
 
     # -- sockets handed to every worker
@@ -116,16 +118,20 @@ class Supervisor:
 
     # -- workers
 
-    async def _spawn(self, worker: _Worker) -> None:
-        read_fd, write_fd = os.pipe()
+    def _worker_env(self, worker: _Worker, report_fd: int) -> dict[str, str]:
         env = dict(os.environ)
         for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(var, None)  # systemd hears from the supervisor only
         env[ENV_WORKER] = str(worker.index)
         env[ENV_FDS] = ";".join(f"{k}={s.fileno()}" for k, s in self._handed.items())
-        env[ENV_REPORT_FD] = str(write_fd)
+        env[ENV_REPORT_FD] = str(report_fd)
         if self._metrics_dir:
             env[ENV_METRICS_DIR] = self._metrics_dir
+        return env
+
+    async def _spawn(self, worker: _Worker) -> None:
+        read_fd, write_fd = os.pipe()
+        env = self._worker_env(worker, write_fd)
         store = await self._store.channel() if self._store is not None else None
         if store is not None:
             env[ratelimit.ENV_STORE_FD] = str(store.fileno())
@@ -178,62 +184,68 @@ class Supervisor:
     # -- the service
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
         self._hand_down()
         if self.cfg.metrics is not None:
             self._metrics_dir = tempfile.mkdtemp(prefix="palpo-gate-metrics-")
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        self._signals.install()
         try:
             if self.cfg.metrics is not None:
                 await self._start_metrics()
             self._store = ratelimit.SharedStore()
-            self._workers = [_Worker(i) for i in range(self.cfg.server.workers)]
-            for w in self._workers:
-                await self._spawn(w)
-            # Ready when all are; failed when one exits first (or we are stopped).
-            waits = [asyncio.ensure_future(self._all_ready()),
-                     asyncio.ensure_future(self._stop.wait()),
-                     *(asyncio.ensure_future(w.proc.wait()) for w in self._workers if w.proc)]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for f in waits:
-                f.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-            if not all(w.ready.is_set() for w in self._workers):
-                codes = {w.proc.returncode for w in self._workers if w.proc is not None}
-                log.error("a worker failed to start; stopping")
-                status = await self._shutdown(1)
-                # A worker's config error (a listener that cannot bind, say) is
-                # the service's: exit 2 as a single process would.
-                return 2 if 2 in codes else status
-            self._tasks = [loop.create_task(self._watch(w), name=f"worker {w.index}")
+            failed = await self._start_workers()
+            if failed is not None:
+                return failed
+            self._tasks = [start_task(self._watch(w), f"worker {w.index}")
                            for w in self._workers]
             log.info("palpo-gate ready: %d workers, upstream %s", len(self._workers),
                      self.cfg.upstream.url)
-            self._notify("READY=1")
+            self._notify(systemd.READY)
             watchdog = start_watchdog(self._notify)
-            reloads = loop.create_task(self._reload_loop(), name="supervisor reload")
-            await self._stop.wait()
-            reloads.cancel()
-            if watchdog is not None:
-                watchdog.cancel()
+            reloads = start_task(reload_loop(self._signals.reload, self._reload_once),
+                                 "supervisor reload")
+            await self._signals.stop.wait()
+            await cancel(reloads, watchdog)
             return await self._shutdown(0)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            for sock in self._handed.values():
-                sock.close()
-            for lst in self.cfg.listeners:
-                if lst.bind.kind == "unix" and not lst.bind.path.startswith("@"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(lst.bind.path)
-            if self._metrics_server is not None:
-                self._metrics_server.close()
-            if self._store is not None:
-                self._store.close()
-            if self._metrics_dir:
-                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._release()
+
+    async def _start_workers(self) -> int | None:
+        """Start every worker and wait until all are ready: None then, else
+        (one exited first, or the service was stopped) the exit status."""
+        self._workers = [_Worker(i) for i in range(self.cfg.server.workers)]
+        for w in self._workers:
+            await self._spawn(w)
+        waits = [asyncio.ensure_future(self._all_ready()),
+                 asyncio.ensure_future(self._signals.stop.wait()),
+                 *(asyncio.ensure_future(w.proc.wait()) for w in self._workers if w.proc)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for f in waits:
+            f.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        if all(w.ready.is_set() for w in self._workers):
+            return None
+        codes = {w.proc.returncode for w in self._workers if w.proc is not None}
+        log.error("a worker failed to start; stopping")
+        status = await self._shutdown(1)
+        # A worker's config error (a listener that cannot bind, say) is
+        # the service's: exit 2 as a single process would.
+        return 2 if 2 in codes else status
+
+    def _release(self) -> None:
+        """What the supervisor holds: signals, sockets, metrics, the shared store."""
+        self._signals.remove()
+        for sock in self._handed.values():
+            sock.close()
+        for lst in self.cfg.listeners:
+            if lst.bind.kind == "unix" and not lst.bind.path.startswith("@"):
+                with contextlib.suppress(OSError):
+                    os.unlink(lst.bind.path)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        if self._store is not None:
+            self._store.close()
+        if self._metrics_dir:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     async def _all_ready(self) -> None:
         for w in self._workers:
@@ -241,7 +253,7 @@ class Supervisor:
 
     async def _shutdown(self, status: int) -> int:
         self._stopping = True
-        self._notify("STOPPING=1")
+        self._notify(systemd.STOPPING)
         for t in self._tasks:
             t.cancel()
         self._signal_all(signal.SIGTERM)
@@ -257,12 +269,6 @@ class Supervisor:
         log.info("stopped")
         return status
 
-    async def _reload_loop(self) -> None:
-        while True:
-            await self._reload.wait()
-            self._reload.clear()
-            await self._reload_once()
-
     async def _reload_once(self) -> None:
         self._notify(systemd.reloading_message())
         try:
@@ -270,34 +276,37 @@ class Supervisor:
                 cfg = configmod.load(self.path)
                 cert_sets(cfg)
             except configmod.ConfigError as exc:
-                log.error("reload failed; still serving the running config. The new config:")
-                for line in exc.errors:
-                    log.error("  %s", line)
+                log_reload_failure("the running config", exc.errors)
                 return
             if cfg.server.workers != self.cfg.server.workers:
                 log.warning("server.workers changes take effect at the next restart")
             handed = {str(lst.bind) for lst in cfg.listeners if lst.bind.kind == "unix"}
             if handed - set(self._handed):
                 log.warning("new UNIX listeners need a restart when server.workers > 1")
-            for w in self._workers:
-                while not w.reports.empty():
-                    w.reports.get_nowait()
-            self._signal_all(signal.SIGHUP)
-            results = []
-            for w in self._workers:
-                try:
-                    async with asyncio.timeout(30):
-                        results.append(await w.reports.get())
-                except TimeoutError:
-                    results.append("?")
-            if all(r == "H" for r in results):
+            results = await self._reload_workers()
+            if all(r == REPORT_RELOADED for r in results):
                 self.cfg = cfg
                 log.info("reloaded: %d workers", len(results))
             else:
                 log.error("reload: %d of %d workers kept their config",
-                          sum(r != "H" for r in results), len(results))
+                          sum(r != REPORT_RELOADED for r in results), len(results))
         finally:
-            self._notify("READY=1")
+            self._notify(systemd.READY)
+
+    async def _reload_workers(self) -> list[str]:
+        """SIGHUP to every worker; what each reported ("?": nothing in 30 s)."""
+        for w in self._workers:
+            while not w.reports.empty():
+                w.reports.get_nowait()
+        self._signal_all(signal.SIGHUP)
+        results = []
+        for w in self._workers:
+            try:
+                async with asyncio.timeout(30):
+                    results.append(await w.reports.get())
+            except TimeoutError:
+                results.append("?")
+        return results
 
     async def _start_metrics(self) -> None:
         assert self.cfg.metrics is not None
@@ -306,6 +315,5 @@ class Supervisor:
         def render() -> bytes:
             return metricsmod.merge(metricsmod.read_snapshots(directory), stale_after=5.0)
 
-        bind = self.cfg.metrics.bind
-        self._metrics_server = await serve_metrics(bind, render, self._handed)
-        log.info("metrics on %s (summed over the workers)", bind)
+        self._metrics_server = await start_metrics_listener(
+            self.cfg.metrics.bind, render, self._handed, " (summed over the workers)")

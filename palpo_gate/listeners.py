@@ -1,16 +1,18 @@
-"""Listeners and the process lifecycle.
+"""Listening sockets and the aiohttp connection handler of each listener.
 
-This module owns the sockets the gate listens on (TCP, UNIX, systemd-passed),
-the aiohttp low-level server of each listener with the connection limits of
-SPEC section 5 (header timeout, idle keep-alive, line and header sizes), and
-and the graceful stop: stop accepting, drain in-flight requests.
+This module owns:
+- binding: TCP (SO_REUSEPORT for workers, IPV6_V6ONLY), UNIX (a stale socket
+  file replaced), sockets passed by systemd or handed down by the supervisor;
+  and the metrics endpoint's own listener;
+- :class:`GateServer`, aiohttp's low-level ``web.Server`` (no router) of one
+  listener of one generation, and its connections
+  (:class:`_HeadTimeoutProtocol`) with the connection limits of SPEC section
+  5: header timeout, idle keep-alive, line and head sizes, and the parser's
+  refusals answered as Matrix JSON.
 
-Reload: a new config becomes a new :class:`proxy.Generation`; each listening
-socket whose bind is unchanged is kept and only the factory for its new
-connections is swapped. Open connections finish on the generation they began
-with. The process lifecycle (signals, systemd) is :mod:`run`'s.
-
-The request itself is :mod:`proxy`'s business; nothing here looks at one.
+What a generation is and how reload swaps it is :mod:`generation`'s; the
+request itself is :mod:`proxy`'s business, nothing here looks at one. The
+aiohttp internals the connection handler reads are named in :mod:`compat`.
 """
 
 from __future__ import annotations
@@ -21,38 +23,31 @@ import logging
 import os
 import re
 import socket
-import ssl
 import stat
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD
 
+from . import compat, systemd
 from . import metrics as metricsmod
 from . import prelude as preludemod
-from . import ratelimit, systemd
-from . import tls as tlsmod
 from .accesslog import RefusedRequest, escape, redact_target
-from .acme.front import FrontServer, fronted  # light: no ACME client library
-from .config import Bind, Config, ConfigError, Listener
+from .config import Bind, Config, ConfigError
 from .errors import error_body
 from .headers import new_request_id
-from .metrics import Registry
-from .proxy import Generation, ListenerHandler
+from .proxy import ListenerHandler
 from .routing import _is_matrix
 from .wellknown import CORS_HEADERS
-
-if TYPE_CHECKING:
-    from .acme.service import AcmeService
 
 log = logging.getLogger("palpo_gate")
 
 #: aiohttp's C (llhttp) parser rejects smuggling vectors the pure-Python parser
 #: has let through (several CVEs); the gate refuses to run without it.
-C_PARSER = web_protocol.HttpRequestParser.__module__ == "aiohttp._http_parser"
+C_PARSER = compat.C_PARSER
 
 
 MAX_LINE_SIZE = 8190  # request line (aiohttp's default)
@@ -103,10 +98,7 @@ def _parser_reason(exc: BaseException) -> str:
     return text.strip() or type(exc).__name__
 
 
-_data_received = web_protocol.RequestHandler.data_received
-
-
-class _HeadTimeoutProtocol(web_protocol.RequestHandler):
+class _HeadTimeoutProtocol(compat.RequestHandler):
     """aiohttp's connection handler plus the limits of a request head.
 
     - A deadline: aiohttp only times out idle keep-alive connections; a
@@ -161,18 +153,14 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         if self._refused:
             return
         start = self._rx
-        _data_received(self, data)  # aiohttp's; cheaper than super() on every read
-        # _request_in_progress / _messages / _current_request / _request_count
-        # / _upgraded / _buffer_paused are aiohttp 3.14 internals (pinned to
-        # 3.14.x in pyproject.toml).
+        holding, count = self.feed(data)  # aiohttp's data_received
         rx = self._rx = start + len(data)
         clean_before = self._clean
-        clean = self._clean = not (self._reading_paused or self._buffer_paused
-                                   or self._upgraded)
-        new = self._request_count - self._seen
+        clean = self._clean = not holding
+        new = count - self._seen
         if new:
             self._seen += new
-            msg, payload = self._messages[-1]
+            msg, payload = self.messages[-1]
             try:
                 version = msg.version
             except AttributeError:  # a parse error (_ErrInfo)
@@ -205,26 +193,25 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
                     self._mark = start
             elif clean and clean_before:
                 self._mark = rx
-        if not clean and self._upgraded:
-            # A request with "Upgrade: websocket" (or CONNECT): aiohttp would
-            # parse what follows only after the answer, outside these checks.
-            # The gate never switches protocols (Upgrade is not forwarded),
-            # so that request is the connection's last.
-            self._message_tail = b""
-            self.close()
-        if self._request_in_progress and self._messages:
-            self._fail_body_on_parse_error()
-        if self._request_in_progress or self._messages:
-            if self._keepalive_handle is not None:
-                # aiohttp re-arms it after the response; a held long-poll
-                # need not keep a timer (~600 B) meanwhile.
-                self._keepalive_handle.cancel()
-                self._keepalive_handle = None
+        if not clean and self.upgraded:
+            self._last_request()
+        busy = self.hold_while_busy()
+        if busy:
+            if busy == 2:
+                self._fail_body_on_parse_error()
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
         elif self._head_timer is None and data:
-            self._head_timer = self._loop.call_later(self._head_timeout, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _last_request(self) -> None:
+        """A request with "Upgrade: websocket" (or CONNECT): aiohttp would
+        parse what follows only after the answer, outside these checks. The
+        gate never switches protocols (Upgrade is not forwarded), so that
+        request is the connection's last."""
+        self.drop_message_tail()
+        self.close()
 
     # -- refusals ----------------------------------------------------------------------
 
@@ -233,12 +220,12 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
         other than HTTP/1.x, a head over the limit each end the connection;
         the first such one is answered (after those before it), nothing after
         it is read or forwarded."""
-        messages = self._messages
+        messages = self.messages
         first = len(messages) - new
         over = self._rx - self._mark > self._max_head
         for i in range(first, len(messages)):
             msg = messages[i][0]
-            if isinstance(msg, web_protocol._ErrInfo):
+            if isinstance(msg, compat.ErrInfo):
                 if i == first:
                     self._refused_line = self._line_of(data, start)
             else:
@@ -250,8 +237,8 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
                     exc = _Refused(431, "request head too large", "head_too_large", msg)
                 else:
                     continue
-                messages[i] = (web_protocol._ErrInfo(status=exc.status, exc=exc,
-                                                     message=exc.reason), EMPTY_PAYLOAD)
+                messages[i] = (compat.ErrInfo(status=exc.status, exc=exc, message=exc.reason),
+                               EMPTY_PAYLOAD)
             while len(messages) > i + 1:
                 messages.pop()
             self._refused = True
@@ -272,26 +259,24 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
     def _refuse_incomplete_head(self, data: bytes, start: int) -> None:
         self._refused_line = self._line_of(data, start)
         exc = _Refused(431, "request head too large", "head_too_large")
-        self._messages.append(
-            (web_protocol._ErrInfo(status=431, exc=exc, message=exc.reason), EMPTY_PAYLOAD))
+        self.messages.append(
+            (compat.ErrInfo(status=431, exc=exc, message=exc.reason), EMPTY_PAYLOAD))
         self._refused = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.wake()
 
     def _fail_body_on_parse_error(self) -> None:
         """Invalid framing in the middle of a body being forwarded (a bad chunk
         size, say): aiohttp drops the body stream silently and queues a 400
         behind the request. Fail the body instead, so the handler aborts the
         upstream request and answers 400 at once (SPEC section 5)."""
-        msg = self._messages[-1][0]
-        request = self._current_request
-        if not isinstance(msg, web_protocol._ErrInfo) or request is None:
+        msg = self.messages[-1][0]
+        request = self.current_request
+        if not isinstance(msg, compat.ErrInfo) or request is None:
             return
         content = request.content
         if content.is_eof():
             return
-        self._messages.pop()  # answered by the handler, not by a second 400
+        self.messages.pop()  # answered by the handler, not by a second 400
         content.set_exception(http_exceptions.BadHttpMessage(msg.message))
         content.feed_eof()  # nothing to linger for: the connection closes after
 
@@ -325,7 +310,7 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
             return _plain_error(request, super().handle_error(request, status, exc, message))
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun")
-        handler = self._manager.handler  # type: ignore[union-attr]
+        handler = self.server.handler
         gen = handler.gen
         rid = new_request_id()
         body, ctype = error_body(status, reason, matrix=True)
@@ -347,7 +332,7 @@ class _HeadTimeoutProtocol(web_protocol.RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self._request_in_progress and not self._messages:
+        if not self.busy():
             log.debug("closing a connection whose request head did not arrive in time")
             self.force_close()
 
@@ -373,14 +358,14 @@ def _plain_error(request: Any, page: web.StreamResponse) -> web.Response:
     return resp
 
 
-class _GateRequest(web.BaseRequest):
+class _GateRequest(compat.Request):
     """A request whose gate-made responses name no software: aiohttp gives
-    every response it frames ``Server: Python/3.x aiohttp/3.y``
-    (``StreamResponse._prepare_headers``), and this hook runs after that,
-    before the head is written. Forwarded responses frame themselves
-    (:mod:`response`) and never pass here: their ``Server`` is the upstream's."""
+    every response it frames ``Server: Python/3.x aiohttp/3.y``, and this
+    hook runs after that, before the head is written. Forwarded responses
+    frame themselves (:mod:`response`) and never pass here: their ``Server``
+    is the upstream's."""
 
-    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+    def before_head(self, response: web.StreamResponse) -> None:
         response.headers.popall("Server", None)
 
 
@@ -396,7 +381,7 @@ class _RefusedRecord:
         self.error = word
 
 
-class GateServer(web.Server):
+class GateServer(compat.Server):
     """``web.Server`` (no router: the router matches decoded paths) making
     :class:`_HeadTimeoutProtocol` connections for one listener of one
     generation."""
@@ -425,16 +410,14 @@ class GateServer(web.Server):
         #: PROXY header, TLS after it, per-client connection cap (prelude.py)
         self.prelude: preludemod.Prelude | None = None
 
+    request_class = _GateRequest
+
     def __call__(self) -> Any:
-        proto = _HeadTimeoutProtocol(self, self._header_timeout, loop=self._loop,
-                                     **self._kwargs)
+        proto = _HeadTimeoutProtocol(self, self._header_timeout, loop=self.loop,
+                                     **self.protocol_kwargs)
         if self.prelude is not None:
             return self.prelude(proto)
         return proto
-
-    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any,
-                      task: Any) -> web.BaseRequest:
-        return _GateRequest(message, payload, protocol, writer, task, self._loop)
 
     def connection_made(self, handler: web_protocol.RequestHandler,
                         transport: asyncio.Transport) -> None:
@@ -453,7 +436,7 @@ class GateServer(web.Server):
         # The handler task (cancelled by aiohttp right after this) may still
         # be unwinding a request that uses this generation's pool: the
         # connection counts until the task has ended.
-        task = handler._task_handler
+        task = compat.handler_task(handler)
         if task is not None and not task.done():
             task.add_done_callback(lambda _: self._gone(handler))
         else:
@@ -568,327 +551,3 @@ async def serve_metrics(bind: Bind, render: Callable[[], bytes],
     server = web.Server(metricsmod.make_handler(render), access_log=None)
     return await asyncio.get_running_loop().create_server(server, sock=sock)
 
-
-def cert_sets(cfg: Config, acme: AcmeService | None = None) -> dict[str, tlsmod.CertSet]:
-    """Every TLS listener's certificates, loaded; errors name the key path.
-    Without *acme* (``check``), a listener with only ``tls.acme`` is left out."""
-    out: dict[str, tlsmod.CertSet] = {}
-    errors: list[str] = []
-    for i, lst in enumerate(cfg.listeners):
-        if lst.tls is not None:
-            try:
-                certs = tlsmod.build(lst.tls, f"listeners[{i}].tls",
-                                     acme.served if acme is not None else None)
-            except ConfigError as exc:
-                errors.extend(exc.errors)
-            else:
-                if certs is not None:
-                    out[lst.name] = certs
-    if errors:
-        raise ConfigError(errors)
-    return out
-
-
-def ssl_contexts(cfg: Config) -> dict[str, ssl.SSLContext]:
-    """The default SSL context of every TLS listener (validates certificates)."""
-    return {name: certs.default for name, certs in cert_sets(cfg).items()}
-
-
-# -- the running gate ----------------------------------------------------------------
-
-
-def _slot_key(lst: Listener, cfg: Config) -> tuple[str, bool, bool, bool]:
-    """Listeners with equal keys share a listening socket and its server across
-    a reload; a key that differs only in TLS, in the PROXY protocol (TLS then
-    starts after the header, in prelude.py, so the asyncio server of such a
-    TLS listener is a plain one) or in answering ACME TLS-ALPN-01 (which needs
-    an accept loop of its own) keeps the socket, not the server."""
-    return (str(lst.bind), lst.tls is not None, lst.tls is not None and lst.proxy_protocol,
-            fronted(lst, cfg.acme))
-
-
-class _Slot:
-    """One listening socket and its asyncio server. It outlives config
-    generations while its key is unchanged: a reload swaps what new
-    connections get, not the socket (no refused connections)."""
-
-    def __init__(self, key: tuple[str, bool, bool, bool], sock: socket.socket, owned: bool) -> None:
-        self.key = key
-        self.sock = sock
-        #: bound here (not passed by systemd or the supervisor): ours to unlink
-        self.owned = owned
-        self.listener: Listener | None = None
-        self.gate_server: GateServer | None = None
-        self.certs: tlsmod.CertSet | None = None
-        self.context: ssl.SSLContext | None = None
-        self.server: asyncio.AbstractServer | FrontServer | None = None
-
-    def new_connection(self) -> web_protocol.RequestHandler:
-        assert self.gate_server is not None
-        return self.gate_server()
-
-    def current_certs(self) -> tlsmod.CertSet:
-        assert self.certs is not None
-        return self.certs
-
-
-class Gate:
-    """A running gate: its listening sockets and the generation they serve.
-
-    A reload builds a new :class:`Generation` and swaps one reference per
-    listener; connections already open stay on the generation they started
-    with until they end.
-    """
-
-    def __init__(self, cfg: Config, *, passed: dict[str, socket.socket] | None = None,
-                 reuse_port: bool = False, metrics: Registry | None = None) -> None:
-        self.cfg = cfg
-        self.loop = asyncio.get_running_loop()
-        #: automatic certificates (SPEC section 8), when [acme] is set
-        self.acme = _acme_service(cfg)
-        self._certs = cert_sets(cfg, self.acme)
-        self.generation = 1
-        self.metrics = metrics
-        self.gen = Generation(cfg, self.loop, metrics)
-        #: [rate_limits]: storage and counters outlive generations (ratelimit.py)
-        self.rate_limits = ratelimit.RateLimits(metrics)
-        self.gen.rate = self.rate_limits.policy(cfg)
-        self._passed = passed if passed is not None else systemd_sockets()
-        self._reuse_port = reuse_port
-        self._slots: dict[str, _Slot] = {}  # by listener name
-        self._retired: set[GateServer] = set()
-        self._draining_gens: dict[Generation, set[GateServer]] = {}
-        self._lock = asyncio.Lock()
-
-    # -- views used by tests and the run loop
-
-    @property
-    def servers(self) -> list[tuple[Listener, GateServer, asyncio.AbstractServer]]:
-        return [(s.listener, s.gate_server, s.server) for s in self._slots.values()
-                if s.listener and s.gate_server and s.server]
-
-    @property
-    def contexts(self) -> dict[str, ssl.SSLContext]:
-        return {name: s.context for name, s in self._slots.items() if s.context is not None}
-
-    def upstream_connections(self) -> tuple[int, int]:
-        """(open, idle) upstream connections of every live generation."""
-        pools = [self.gen.pool, *(g.pool for g in self._draining_gens)]
-        return sum(p.open_count for p in pools), sum(p.idle_count for p in pools)
-
-    def addresses(self) -> dict[str, Any]:
-        return {name: s.sock.getsockname() for name, s in self._slots.items()}
-
-    # -- start, reload, close
-
-    async def start(self) -> None:
-        try:
-            slots = self._open_slots(self.cfg, {})
-            await self._commit(self.cfg, self.gen, self._certs, slots)
-        except BaseException:
-            await self.close(0)
-            raise
-        if self.acme is not None:
-            self.acme.start()  # after the listeners: the CA's validation needs them
-        for name, slot in self._slots.items():
-            assert slot.listener is not None
-            log.info("listener %s on %s (%s%s)", name, _where(slot.sock, slot.listener),
-                     slot.listener.role, ", TLS" if slot.listener.tls else "")
-
-    def _open_slots(self, cfg: Config, reusable: dict[tuple[str, bool, bool, bool], _Slot]
-                    ) -> dict[str, _Slot]:
-        """A slot per listener of *cfg*: reused when its key is unchanged, else
-        newly bound. Raises ConfigError (closing what it bound) if a bind fails."""
-        slots: dict[str, _Slot] = {}
-        fresh: list[_Slot] = []
-        try:
-            for i, lst in enumerate(cfg.listeners):
-                key = _slot_key(lst, cfg)
-                # TLS added or removed on the same bind: the socket is ours
-                # already (binding it again would fail); _commit gives it a
-                # new server.
-                slot = reusable.pop(key, None)
-                if slot is None:
-                    same_bind = next((k for k in reusable if k[0] == key[0]), None)
-                    if same_bind is not None:
-                        slot = reusable.pop(same_bind)
-                if slot is None:
-                    try:
-                        sock = bind_socket(lst.bind, self._passed, reuse_port=self._reuse_port)
-                    except OSError as exc:
-                        raise ConfigError([f"listeners[{i}].bind: cannot listen on {lst.bind}: "
-                                           f"{exc.strerror or exc}"]) from None
-                    handed = lst.bind.kind == "systemd" or str(lst.bind) in self._passed
-                    slot = _Slot(key, sock, owned=not handed)
-                    fresh.append(slot)
-                slots[lst.name] = slot
-        except BaseException:
-            for slot in fresh:
-                slot.sock.close()
-            raise
-        return slots
-
-    async def _commit(self, cfg: Config, gen: Generation, certs: dict[str, tlsmod.CertSet],
-                      slots: dict[str, _Slot]) -> None:
-        """Point every slot at *gen*; start servers for new sockets."""
-        for lst in cfg.listeners:
-            slot = slots[lst.name]
-            key = _slot_key(lst, cfg)
-            if slot.server is not None and slot.key != key:
-                # TLS on or off: asyncio fixes it per server. The new server
-                # takes a duplicate of the socket, so it never stops listening
-                # (connections queued meanwhile are accepted by the new
-                # server); the old one stops accepting, its open connections
-                # finish as they are.
-                sock = slot.sock.dup()
-                sock.setblocking(False)
-                for name, passed in self._passed.items():
-                    if passed is slot.sock:  # systemd's or the supervisor's
-                        self._passed[name] = sock
-                slot.server.close()
-                slot.sock, slot.server, slot.context = sock, None, None
-                log.info("listener %s: now %s TLS, on the same socket", lst.name,
-                         "with" if lst.tls else "without")
-            slot.key = key
-            handler = ListenerHandler(gen, lst)
-            handler.bound(slot.sock.getsockname())
-            if cfg.acme is not None and self.acme is not None and lst.tls is None:
-                handler.acme = self.acme  # answers HTTP-01, never forwarded
-            slot.listener = lst
-            slot.gate_server = GateServer(handler, cfg)
-            slot.certs = certs.get(lst.name)
-            if slot.server is None:
-                if slot.certs is not None:
-                    slot.context = tlsmod.listening_context(slot.current_certs)
-                if key[3] and slot.context is not None and self.acme is not None:
-                    # ACME TLS-ALPN-01: the ClientHello is read before TLS starts.
-                    slot.server = FrontServer(slot.sock, slot.new_connection, slot.context,
-                                              self.acme.alpn_context, cfg.limits.header_timeout)
-                else:
-                    context = None if key[2] else slot.context  # prelude.py: TLS after PROXY
-                    slot.server = await self.loop.create_server(
-                        slot.new_connection, sock=slot.sock, ssl=context,
-                        backlog=LISTEN_BACKLOG,
-                        ssl_handshake_timeout=cfg.limits.header_timeout if context else None)
-            slot.gate_server.prelude = preludemod.for_listener(
-                lst, cfg, gen, slot.context, self.rate_limits)
-        self._slots = slots
-
-    async def reload(self, cfg: Config) -> None:
-        """Serve *cfg* from now on. Raises ConfigError (and changes nothing) if
-        its certificates or new listening sockets cannot be had."""
-        async with self._lock:
-            if cfg.acme is not None and self.acme is None:
-                raise ConfigError(["acme: [acme] was added: automatic certificates start "
-                                   "with the next restart"])
-            certs = cert_sets(cfg, self.acme)
-            old_slots = dict(self._slots)
-            reusable = {s.key: s for s in old_slots.values()}
-            slots = self._open_slots(cfg, reusable)
-            # Sockets no new listener wants stop accepting now.
-            wanted = {str(lst.bind) for lst in cfg.listeners}
-            for slot in reusable.values():
-                if slot.server is not None:
-                    slot.server.close()
-                if slot.listener is not None and str(slot.listener.bind) not in wanted:
-                    self._unlink(slot)
-            old_gen = self.gen
-            old_servers = {s.gate_server for s in old_slots.values() if s.gate_server}
-            new_gen = Generation(cfg, self.loop, self.metrics)
-            new_gen.rate = self.rate_limits.policy(cfg)
-            await self._commit(cfg, new_gen, certs, slots)
-            self.cfg, self.gen, self._certs = cfg, new_gen, certs
-            self.generation += 1
-            if self.acme is not None:
-                self.acme.reload(cfg.acme)
-            self._draining_gens[old_gen] = set(old_servers)
-            for gs in old_servers:
-                self._retired.add(gs)
-                gs.retire(lambda g, gen=old_gen: self._server_empty(gen, g))
-
-    def _server_empty(self, gen: Generation, gs: GateServer) -> None:
-        self._retired.discard(gs)
-        servers = self._draining_gens.get(gen)
-        if servers is None:
-            return
-        servers.discard(gs)
-        if not servers:
-            del self._draining_gens[gen]
-            gen.pool.close()  # the last connection of that generation is gone
-
-    async def close(self, drain_timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish for *drain_timeout*, close."""
-        servers = [s.server for s in self._slots.values() if s.server is not None]
-        gate_servers = [s.gate_server for s in self._slots.values() if s.gate_server]
-        gate_servers += list(self._retired)
-        for srv in servers:
-            srv.close()
-        for gs in gate_servers:
-            if gs.prelude is not None:
-                gs.prelude.close()
-        busy: list[asyncio.Task[None]] = []
-        for gs in gate_servers:
-            for conn in gs.connections:
-                task = conn._task_handler
-                if conn._request_in_progress or conn._messages:
-                    # Finish the request in hand, then close (no next request).
-                    conn.close()
-                    if task is not None and not task.done():
-                        busy.append(task)
-                else:
-                    # Idle keep-alive: close now rather than wait the drain out
-                    # for a request that won't come.
-                    conn.force_close()
-        # One deadline for the whole drain (aiohttp's own shutdown(timeout)
-        # waits up to twice its timeout).
-        if busy and drain_timeout > 0:
-            await asyncio.wait(busy, timeout=drain_timeout)
-        cut = False
-        for gs in gate_servers:
-            for conn in gs.connections:
-                cut = True
-                conn.force_close()  # handler cancellation aborts its upstream request
-        if cut and busy:
-            await asyncio.wait(busy, timeout=1.0)
-        for srv in servers:
-            with contextlib.suppress(Exception):
-                await srv.wait_closed()
-        for slot in self._slots.values():
-            if slot.server is None:
-                slot.sock.close()
-            self._unlink(slot)
-        self.gen.pool.close()
-        for gen in self._draining_gens:
-            gen.pool.close()
-        self._draining_gens.clear()
-        if self.acme is not None:
-            await self.acme.close()
-        self._retired.clear()
-        self._slots.clear()
-        await self.rate_limits.close()
-
-    @staticmethod
-    def _unlink(slot: _Slot) -> None:
-        lst = slot.listener
-        if (slot.owned and lst is not None and lst.bind.kind == "unix"
-                and not lst.bind.path.startswith("@")):
-            with contextlib.suppress(OSError):
-                os.unlink(lst.bind.path)
-
-
-def _acme_service(cfg: Config) -> AcmeService | None:
-    """The process's ACME service when [acme] is set (imported only then: the
-    ACME client library is not small)."""
-    if cfg.acme is None:
-        return None
-    from .acme.service import AcmeService
-
-    return AcmeService(cfg.acme)
-
-
-def _where(sock: socket.socket, lst: Listener) -> str:
-    name = sock.getsockname()
-    if isinstance(name, tuple):
-        host = f"[{name[0]}]" if ":" in name[0] else name[0]
-        return f"{host}:{name[1]}"
-    return str(lst.bind)

@@ -1,0 +1,153 @@
+"""The aiohttp internals compat.py relies on are where it expects them.
+
+An aiohttp upgrade that renames or removes one of these fails here, naming
+it, rather than deep inside a connection. Each check looks at a real
+instance (or class) of the aiohttp version installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import deque
+
+import pytest
+from aiohttp import web, web_protocol
+
+from palpo_gate import compat
+
+#: What compat.RequestHandler reads on every connection (aiohttp 3.14).
+HANDLER_ATTRS = ("_messages", "_request_count", "_request_in_progress", "_current_request",
+                 "_keepalive_handle", "_message_tail", "_upgraded", "_waiter", "_manager",
+                 "_loop", "_reading_paused", "_buffer_paused", "_task_handler")
+#: What compat.StreamResponse sets (aiohttp 3.14).
+RESPONSE_ATTRS = ("_eof_sent", "_payload_writer", "_keep_alive", "_body_length", "_req")
+
+
+async def _handler(request: web.BaseRequest) -> web.StreamResponse:
+    return web.Response(text="ok")
+
+
+@pytest.mark.parametrize("name", HANDLER_ATTRS)
+async def test_request_handler_has(name: str) -> None:
+    server = web.Server(_handler)
+    conn = compat.RequestHandler(server, loop=asyncio.get_running_loop())
+    assert hasattr(conn, name), f"aiohttp's RequestHandler has no {name} any more"
+
+
+def test_request_handler_types() -> None:
+    # The handler's own checks depend on these shapes, not only on the names.
+    source = inspect.getsource(web_protocol.RequestHandler.__init__)
+    assert "self._messages: deque" in source or "self._messages = deque" in source
+    assert isinstance(compat.ErrInfo(status=400, exc=ValueError(), message="x"),
+                      compat.ErrInfo)
+    assert [f for f in ("status", "exc", "message") if not hasattr(compat.ErrInfo, f)] == []
+
+
+@pytest.mark.parametrize("name", RESPONSE_ATTRS)
+def test_stream_response_has(name: str) -> None:
+    assert hasattr(web.StreamResponse(), name), \
+        f"aiohttp's StreamResponse has no {name} any more"
+
+
+def test_server_and_request_hooks() -> None:
+    assert callable(getattr(web.Server, "_make_request", None))
+    assert callable(getattr(web.BaseRequest, "_prepare_hook", None))
+    assert "_prepare_hook" in inspect.getsource(web.StreamResponse._start)
+    assert "_payload_writer" in inspect.signature(web.BaseRequest.__init__).parameters \
+        or "payload_writer" in inspect.signature(web.BaseRequest.__init__).parameters
+
+
+async def test_server_keeps_loop_and_kwargs() -> None:
+    server = compat.Server(_handler, keepalive_timeout=7.0)
+    assert server.loop is asyncio.get_running_loop()
+    assert server.protocol_kwargs["keepalive_timeout"] == 7.0
+
+
+def test_c_parser_is_detected() -> None:
+    assert compat.C_PARSER, "aiohttp's C parser is not loaded, or its module moved"
+
+
+async def test_hooks_run_over_a_real_connection() -> None:
+    """A request made by compat.Server is its request_class, whose
+    before_head sees the response before its head is written; the
+    connection's internals read as compat says while a request is handled."""
+    seen: dict[str, object] = {}
+
+    class Req(compat.Request):
+        def before_head(self, response: web.StreamResponse) -> None:
+            seen["hook"] = response.headers.get("Server")
+            response.headers["X-Hooked"] = "1"
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        conn = request.protocol
+        assert isinstance(conn, compat.RequestHandler)
+        seen["type"] = type(request).__name__
+        seen["busy"] = compat.is_busy(conn) and conn.busy() and conn.hold_while_busy() == 1
+        seen["current"] = conn.current_request is request
+        seen["count"] = conn.request_count
+        task = compat.handler_task(conn)
+        seen["task"] = isinstance(task, asyncio.Task) and not task.done()
+        seen["messages"] = isinstance(conn.messages, deque)
+        seen["server"] = conn.server is srv
+        return web.Response(text="ok")
+
+    class Srv(compat.Server):
+        request_class = Req
+
+        def __call__(self) -> compat.RequestHandler:
+            return compat.RequestHandler(self, loop=self.loop, **self.protocol_kwargs)
+
+    srv = Srv(handler)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(srv, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        listener.close()
+        await srv.shutdown(1)
+    assert b"X-Hooked: 1" in response
+    assert seen == {"hook": seen["hook"], "type": "Req", "busy": True, "current": True,
+                    "count": 1, "task": True, "messages": True, "server": True}
+    assert seen["hook"] is not None  # aiohttp's Server header was set before the hook
+
+
+async def test_stream_response_claim_and_finish() -> None:
+    """claim_writer / set_keep_alive / mark_finished act on what aiohttp's
+    own prepare / write_eof use: prepared, keep_alive, body_length."""
+    written: dict[str, object] = {}
+
+    class Resp(compat.StreamResponse):
+        async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
+            writer = self.claim_writer(request, False)
+            written["first"] = writer is not None and self.prepared
+            written["again"] = self.claim_writer(request, True) is None
+            request.transport.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+        async def write_eof(self, data: bytes = b"") -> None:
+            self.mark_finished(2)
+            written["length"] = self.body_length
+            written["keep_alive"] = self.keep_alive
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return Resp()
+
+    srv = web.Server(handler)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(srv, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        listener.close()
+        await srv.shutdown(1)
+    assert response.endswith(b"\r\n\r\nok")
+    assert written == {"first": True, "again": True, "length": 2, "keep_alive": False}
