@@ -350,6 +350,11 @@ class Pool:
 
     async def acquire(self) -> Connection:
         """A pooled connection if one is idle, else a new one."""
+        return self.idle() or await self.connect()
+
+    def idle(self) -> Connection | None:
+        """A pooled connection, if one is idle and young enough (no coroutine:
+        this is every request's path)."""
         if self._idle:
             expired = self.loop.time() - IDLE_EXPIRY
             while self._idle:
@@ -362,7 +367,7 @@ class Pool:
                 elif not conn.closed:
                     conn.reused = True
                     return conn
-        return await self.connect()
+        return None
 
     async def connect(self) -> Connection:
         cfg = self.cfg
