@@ -98,7 +98,7 @@ class Exchange:
     __slots__ = (
         "_events", "_head_bytes", "_head_only", "_parser", "_reason", "_until_close", "body",
         "buffered", "complete", "error", "got_bytes", "head_ready", "headers", "keep_alive",
-        "overrun", "status",
+        "overrun", "reusable", "status",
     )
 
     def __init__(self) -> None:
@@ -106,6 +106,10 @@ class Exchange:
         # a parser costs about 1 KiB.
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
+        #: body pieces not yet taken (a list: an empty deque costs 760 bytes)
+        self.body: list[bytes] = []
+        #: bytes in :attr:`body`
+        self.buffered = 0
         self.next_cycle()
 
     def next_cycle(self) -> None:
@@ -115,6 +119,8 @@ class Exchange:
             # announced: the next response gets a fresh one.
             self._parser = None
             self._head_only = False
+        if self.body:
+            self.take()
         self._events = 0
         #: a byte of a response came (an interim one too)
         self.got_bytes = False
@@ -123,13 +129,12 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         #: the final response head is complete
         self.head_ready = False
-        #: body pieces not yet taken (a list: an empty deque costs 760 bytes)
-        self.body: list[bytes] = []
-        #: bytes in :attr:`body`
-        self.buffered = 0
         #: the response is complete (its end or, for HEAD, its head came)
         self.complete = False
         self.keep_alive = False
+        #: the connection may carry the next request: the response was read to
+        #: its end, both sides allow keep-alive, and nothing came after it
+        self.reusable = False
         #: bytes came after the end of the response
         self.overrun = False
         #: why the response is broken, None while it is not
@@ -141,11 +146,6 @@ class Exchange:
     def start(self, head_only: bool) -> None:
         """A request was sent; *head_only* when it was HEAD (no body will follow)."""
         self._head_only = head_only
-
-    @property
-    def reusable(self) -> bool:
-        """The connection may carry the next request."""
-        return self.complete and self.keep_alive and not self.overrun and self.error is None
 
     def head(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """(status, reason, raw headers) of the final response."""
@@ -220,10 +220,12 @@ class Exchange:
 
     def _overrun(self) -> None:
         self.overrun = True
+        self.reusable = False
         self._events |= OVERRUN
 
     def _broken(self, why: str) -> None:
         self.error = why
+        self.reusable = False
         self._events |= BROKEN
 
     # -- httptools callbacks ---------------------------------------------------------
@@ -268,7 +270,7 @@ class Exchange:
         self.head_ready = True
         if self._head_only:
             # Read now: the parser never reaches the end of this message.
-            self.keep_alive = parser.should_keep_alive()
+            self.keep_alive = self.reusable = parser.should_keep_alive()
             self.complete = True
             self._events |= HEAD | END
             return
@@ -288,6 +290,6 @@ class Exchange:
             return  # end of an interim response; a HEAD response ended at its head
         # Read it here: httptools forgets it once feed_data() returns.
         assert self._parser is not None
-        self.keep_alive = self._parser.should_keep_alive()
+        self.keep_alive = self.reusable = self._parser.should_keep_alive()
         self.complete = True
         self._events |= END

@@ -65,9 +65,6 @@ class Connection(asyncio.BufferedProtocol):
         self._in_exchange = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._reset_waits()
-
-    def _reset_waits(self) -> None:
         self._read_paused = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -273,7 +270,7 @@ class Connection(asyncio.BufferedProtocol):
                 # connection must still see the upstream close it.
                 self.transport.resume_reading()
             self.exchange.next_cycle()
-            self._reset_waits()
+            self._read_paused = False
             self._pool._release(self)
         else:
             self._close(abort=True)
