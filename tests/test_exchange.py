@@ -334,11 +334,12 @@ _field = st.tuples(_token, _value).map(lambda f: b"%s: %s\r\n" % f)
 @st.composite
 def _framed(draw: st.DrawFn) -> tuple[bytes, bool]:
     """One response (valid or not), its framing drawn; and whether it is to HEAD."""
-    status = draw(st.sampled_from([200, 201, 204, 206, 304, 404, 500, 101, 100]))
+    status = draw(st.sampled_from([200, 200, 200, 201, 204, 206, 304, 404, 500, 101, 100]))
     version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]))
     body = draw(st.binary(max_size=40))
     fields = b"".join(draw(st.lists(_field, max_size=4)))
-    framing = draw(st.sampled_from(["length", "chunked", "close", "bad-te", "wrong-length"]))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "chunked", "close", "bad-te",
+                                    "wrong-length"]))
     if framing == "length":
         fields += b"Content-Length: %d\r\n" % len(body)
     elif framing == "wrong-length":
@@ -362,14 +363,18 @@ def _stream(draw: st.DrawFn) -> tuple[bytes, bool, bool, list[int]]:
     bytes after it; whether it answers HEAD; whether the upstream then
     closes; and where the reads split it."""
     script, head_only = draw(_framed())
+    # Reads often end where a response ends: a cut there is drawn often.
+    cuts = [len(script)] if draw(st.booleans()) else []
     tail = draw(st.sampled_from([b"", b"\r\n", b"junk", OK_2, b"\x00\xff"]))
     script += tail
-    if draw(st.booleans()):
+    if draw(st.integers(0, 3)) == 0:  # cut short
         script = script[:draw(st.integers(0, len(script)))]
-    if draw(st.booleans()):
-        script = bytes(draw(st.lists(st.integers(0, 255), max_size=3))) + script
-    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(script) - 1)), max_size=8))))
-    return script, head_only, draw(st.booleans()), [c for c in cuts if c < len(script)]
+    if draw(st.integers(0, 3)) == 0:  # garbage first
+        prefix = bytes(draw(st.lists(st.integers(0, 255), max_size=3)))
+        script, cuts = prefix + script, [c + len(prefix) for c in cuts]
+    cuts += draw(st.lists(st.integers(1, max(1, len(script) - 1)), max_size=8))
+    return script, head_only, draw(st.booleans()), sorted({c for c in cuts
+                                                            if 0 < c < len(script)})
 
 
 @given(_stream())
