@@ -298,12 +298,13 @@ class ListenerHandler:
             pool = gen.pool
             for attempt in (0, 1):
                 conn = rec.conn = (pool.idle() if attempt == 0 else None) or await pool.connect()
-                self._send(rec, conn, request, method, head, has_body, chunked)
+                conn.begin(head_only=method == "HEAD")
+                conn.write(head)
+                if has_body:
+                    rec.pump = _BodyPump(request, conn, chunked, gen.limits.max_body_size,
+                                         gen.limits.body_timeout, read_timeout)
                 try:
-                    # The response deadline starts once the request body is
-                    # sent: until then limits.body_timeout polices the upload
-                    # (a slow client's upload is not a slow upstream), and an
-                    # early answer (401 mid-upload) still wakes this wait.
+                    # No response deadline while the body is sent (_BodyPump.sending).
                     while (fut := conn.wait_head(None if rec.pump is not None
                                                  and rec.pump.sending else read_timeout)
                            ) is not None:
@@ -332,8 +333,7 @@ class ListenerHandler:
         except GateError as exc:
             resp = self._failed(exc, request, rec, matrix, rid)
         except ConnectionError:
-            # The client went away mid-response: not an error of anyone's.
-            rec.error = "client_gone"
+            rec.error = "client_gone"  # the client went away: not an error of anyone's
             request.protocol.force_close()
             resp = rec.response or web.Response(status=499)
         finally:
@@ -349,21 +349,11 @@ class ListenerHandler:
                                                     limits.body_timeout)
         return spool.replay(request, spooled), spool.with_length(head, spooled.size)
 
-    def _send(self, rec: _Record, conn: Connection, request: web.BaseRequest, method: str,
-              head: bytes, has_body: bool, chunked: bool) -> None:
-        """Write the request head, and start copying the body if there is one."""
-        conn.begin(head_only=method == "HEAD")
-        conn.write(head)
-        if has_body:
-            gen = self.gen
-            rec.pump = _BodyPump(request, conn, chunked, gen.limits.max_body_size,
-                                 gen.limits.body_timeout, gen.read_timeout)
-
     def _respond(self, request: web.BaseRequest, rec: _Record, conn: Connection, method: str,
                  rid: bytes) -> tuple[ProxiedResponse, bool]:
         """Begin the client's response from the upstream's head; whether it
         is already whole (no body)."""
-        status, reason, up_headers = conn.head()
+        status, reason, up_headers = conn.exchange.head()
         rec.upstream_status = status
         block, length_out = hdr.response_block(up_headers, self.gen.rid_name, rid)
         no_body = method == "HEAD" or status in _NO_BODY_STATUSES
@@ -465,7 +455,10 @@ class _BodyPump:
     def __init__(self, request: web.BaseRequest, conn: Connection, chunked: bool,
                  limit: int, body_timeout: float, write_timeout: float) -> None:
         self.consumed = 0
-        #: True until the body is sent (or the pump ended otherwise)
+        #: True until the body is sent (or the pump ended otherwise). Until
+        #: then the wait for the response has no deadline: limits.body_timeout
+        #: polices the upload (a slow client's upload is not a slow
+        #: upstream), and an early answer (401 mid-upload) still ends the wait.
         self.sending = True
         self._request = request
         self._conn = conn
