@@ -62,25 +62,6 @@ UNIX_PEER = "unix:"
 _PROTOS = frozenset({b"http", b"https"})
 
 
-def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
-    """Lower-case names listed in every ``Connection`` header (RFC 9110 section 7.6.1)."""
-    names: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(names)
-
-
-def strip_hop_by_hop(headers: RawHeaders, also: frozenset[bytes] = frozenset()
-                     ) -> list[tuple[bytes, bytes]]:
-    """*headers* without hop-by-hop ones, those named in Connection, and *also*."""
-    drop = HOP_BY_HOP | also
-    named = connection_tokens(headers)
-    if named:
-        drop = drop | named
-    return [(n, v) for n, v in headers if n.lower() not in drop]
-
-
 _HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
 
 
@@ -133,32 +114,29 @@ def host_with_port(host: bytes | None, port: int, fallback: bytes) -> bytes:
     return host + b":%d" % port
 
 
-def _named_tokens(values: list[bytes]) -> frozenset[bytes]:
-    """Names listed in Connection headers that are not hop-by-hop already."""
-    tokens = {t.strip().lower() for v in values for t in v.split(b",")}
-    return frozenset(tokens - HOP_BY_HOP - {b""})
+def _drop_named(connection: list[bytes], lines: list[bytes], lnames: list[bytes]
+                ) -> tuple[list[bytes], frozenset[bytes]]:
+    """The Connection-token rule, for both directions (RFC 9110 section 7.6.1):
+    every header named in a ``Connection`` header (*connection*: their
+    values) is hop-by-hop and is removed, in any case, every copy. *lines*
+    are the header lines kept so far and *lnames* their lower-case names;
+    returns the lines left and the names that were listed beyond the
+    standard hop-by-hop ones."""
+    tokens = {t.strip().lower() for v in connection for t in v.split(b",")}
+    named = frozenset(tokens - HOP_BY_HOP - {b""})
+    if named:
+        lines = [line for line, lname in zip(lines, lnames, strict=True) if lname not in named]
+    return lines, named
 
 
-def build_request_head(
-    method: bytes,
-    target: bytes,
-    headers: RawHeaders,
-    *,
-    client_addr: str,
-    peer_trusted: bool,
-    proto: bytes,
-    host: bytes,
-    request_id_name: bytes,
-    request_id: bytes,
-    framing: bytes,
-) -> bytes:
+def build_request_head(method: bytes, target: bytes, headers: RawHeaders, *,
+                       client_addr: str, peer_trusted: bool, proto: bytes, host: bytes,
+                       request_id_name: bytes, request_id: bytes, framing: bytes) -> bytes:
     """The request head sent upstream, ``\\r\\n\\r\\n`` included.
 
     *client_addr* is the peer's IP address, or :data:`UNIX_PEER`. *framing*
-    is the body framing line (``Content-Length: N`` or
-    ``Transfer-Encoding: chunked``) or empty for no body. One pass over the
-    headers (this runs for every request); a second only when a
-    ``Connection`` header names more than the standard hop-by-hop ones.
+    is the body framing line (``Content-Length: N`` or ``Transfer-Encoding:
+    chunked``) or empty for no body. One pass: this runs for every request.
     """
     rid_lower = request_id_name.lower()
     drop = _DROP_TRUSTED if peer_trusted else _DROP_UNTRUSTED
@@ -186,9 +164,8 @@ def build_request_head(
                 continue
         lines.append(b"%b: %b\r\n" % (name, value))
         lnames.append(lname)
-    if connection and (named := _named_tokens(connection)):
-        # RFC 9110 section 7.6.1: every header named in Connection is hop-by-hop.
-        lines = [line for line, lname in zip(lines, lnames, strict=True) if lname not in named]
+    if connection:
+        lines, named = _drop_named(connection, lines, lnames)
         if b"x-forwarded-for" in named:
             prior_xff = []
         if b"x-forwarded-proto" in named:
@@ -214,11 +191,6 @@ def build_request_head(
     ))
 
 
-def response_headers(headers: RawHeaders) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers that go to the client (framing is the gate's)."""
-    return strip_hop_by_hop(headers, _RESPONSE_REPLACED)
-
-
 def response_block(headers: RawHeaders, request_id_name: bytes, request_id: bytes
                    ) -> tuple[bytes, int | None]:
     """The response header lines for the client, and the upstream's Content-Length.
@@ -241,8 +213,8 @@ def response_block(headers: RawHeaders, request_id_name: bytes, request_id: byte
             continue
         lines.append(b"%b: %b\r\n" % (name, value))
         lnames.append(lname)
-    if connection and (named := _named_tokens(connection)):
-        lines = [line for line, lname in zip(lines, lnames, strict=True) if lname not in named]
+    if connection:
+        lines, _ = _drop_named(connection, lines, lnames)
     lines.append(b"%b: %b\r\n" % (request_id_name, request_id))
     return b"".join(lines), None if length is None else int(length)
 

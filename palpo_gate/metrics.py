@@ -61,14 +61,6 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import (
-    GateError,
-    UpstreamBroken,
-    UpstreamConnectTimeout,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
-
 logger = logging.getLogger("palpo_gate.metrics")
 
 #: The ``route`` label: what the gate did with the request (SPEC section 2).
@@ -78,16 +70,8 @@ ROUTES: tuple[str, ...] = (
 )
 
 #: The ``kind`` label of ``palpo_gate_upstream_errors_total``, one per upstream
-#: failure class of :mod:`errors`.
+#: failure class of :mod:`errors` (the ``metric`` column of ``errors.FAILURES``).
 UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect_error", "connect_timeout", "timeout", "broken")
-
-#: Which kind each upstream failure counts as: ``upstream_error(UPSTREAM_ERROR_KIND[type(exc)])``.
-UPSTREAM_ERROR_KIND: dict[type[GateError], str] = {
-    UpstreamUnavailable: "connect_error",
-    UpstreamConnectTimeout: "connect_timeout",
-    UpstreamTimeout: "timeout",
-    UpstreamBroken: "broken",
-}
 
 #: Upper bounds of the duration histogram, in seconds; ``+Inf`` is implicit.
 #: Up to 120 s because a /sync long-poll is held 30 s and more, up to

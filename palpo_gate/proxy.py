@@ -2,10 +2,12 @@
 
 This module is the IO shell around the pure core. For each request it asks
 :mod:`routing` what to do, answers the gate's own endpoints (``/health``,
-``.well-known``, errors), and for forwarded requests builds the head with
-:mod:`headers`, streams the body both ways through an :mod:`upstream`
-connection, and enforces the body limits. Every failure goes through the one
-``except GateError`` funnel in :meth:`ListenerHandler._forward`.
+``.well-known``, errors, each from its row of :mod:`errors`), and for
+forwarded requests builds the head with :mod:`headers`, streams the body both
+ways through an :mod:`upstream` connection, and enforces the body limits.
+Every failure goes through the one ``except GateError`` funnel in
+:meth:`ListenerHandler._forward`, which answers as :data:`errors.FAILURES`
+says.
 
 Shared state lives in :class:`Generation` (one config, its pool, its
 documents); per-listener state in :class:`ListenerHandler`; per-request
@@ -29,19 +31,24 @@ from . import headers as hdr
 from .accesslog import AccessLog
 from .config import UNIX_PEER, Config, Listener
 from .errors import (
+    LOCAL_ANSWERS,
+    MISDIRECTED,
+    VERSION_NOT_SUPPORTED,
     BadHost,
     BadRequestBody,
     BodyTimeout,
     BodyTooLarge,
     ClientTooSlow,
     GateError,
+    Outcome,
     UpstreamBroken,
     error_body,
 )
-from .metrics import UPSTREAM_ERROR_KIND, Registry
+from .exchange import may_retry
+from .metrics import Registry
 from .ratelimit import Policy
 from .response import ProxiedResponse
-from .routing import ALLOW, Action, Router, media_upload
+from .routing import ALLOW, Action, Decision, Router, media_upload
 from .upstream import Connection, Pool
 
 log = logging.getLogger("palpo_gate")
@@ -54,7 +61,6 @@ _ROUTE = {
     Action.NOT_FOUND: "not_found", Action.BAD_REQUEST: "bad_request",
 }
 _NO_BODY_STATUSES = frozenset({204, 304})
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
 #: ACME HTTP-01 validation requests (RFC 8555 section 8.3)
 _ACME_CHALLENGE = "/.well-known/acme-challenge/"
@@ -137,8 +143,8 @@ class ListenerHandler:
         action = decision.action
         gen = self.gen
         if request.version != (1, 1) and request.version != (1, 0):
-            return _ready(web.Response(status=505, text="HTTP version not supported\n",
-                                       headers={"Connection": "close"}))
+            # Refused before the handler (server.py); kept for any path around it.
+            return _ready(self._answer(VERSION_NOT_SUPPORTED, True, hdr.new_request_id()))
         if action is Action.HEALTH:
             resp: web.StreamResponse = _health(method)
             if self.retired:
@@ -160,15 +166,14 @@ class ListenerHandler:
         if not hdr.sane_request_id(rid):
             rid = hdr.new_request_id()
         assert rid is not None
-        route = None
         if self.acme is not None and target.startswith(_ACME_CHALLENGE):
             # RFC 8555 section 8.3, for any Host: answered here, never forwarded.
             resp = self.acme.http01_response(method, target)
-            route = "well_known"
-        elif self.hosts is not None and not self._host_allowed(request):
-            resp = self._error(421, "this server does not answer for that host",
-                               decision.matrix, rid)
-        elif action is Action.FORWARD or (
+            return _ready(self._local(request, decision, client, rid, resp, "well_known"))
+        if self.hosts is not None and not self._host_allowed(request):
+            resp = self._answer(MISDIRECTED, decision.matrix, rid)
+            return _ready(self._local(request, decision, client, rid, resp))
+        if action is Action.FORWARD or (
                 action is Action.ADMIN and _in(client, gen.allow_admin)):
             if method != "OPTIONS" or not decision.matrix:
                 rate = gen.rate
@@ -185,30 +190,32 @@ class ListenerHandler:
             # instead of a readable 502. The Matrix client-server spec ("Web
             # Browser Clients") has OPTIONS answered with the CORS headers and
             # no endpoint logic, which needs nothing from the upstream.
-            resp = _PREFLIGHT.response()
-        elif action is Action.ADMIN:
-            resp = self._error(403, "the admin API is not reachable through this gateway",
-                               True, rid)
-        elif action is Action.WELL_KNOWN_SERVER or action is Action.WELL_KNOWN_CLIENT:
-            resp = self._well_known(method, action, rid)
-        elif action is Action.BAD_REQUEST:
-            resp = self._error(400, f"bad request target: {decision.reason}",
-                               decision.matrix, rid, close=True)
-        elif action is Action.METHOD_NOT_ALLOWED:
-            resp = self._error(405, decision.reason, decision.matrix, rid)
-            resp.headers["Allow"] = ALLOW
-        elif action is Action.OPTIONS_ASTERISK:
-            resp = web.Response(status=200, headers={"Allow": ALLOW})
-        else:
-            resp = self._error(404, "no such endpoint on this gateway", decision.matrix, rid)
+            return _ready(self._local(request, decision, client, rid, _PREFLIGHT.response()))
+        return _ready(self._local(request, decision, client, rid, None))
+
+    def _local(self, request: web.BaseRequest, decision: Decision, client: str, rid: bytes,
+               resp: web.StreamResponse | None, route: str | None = None
+               ) -> web.StreamResponse:
+        """A request the gate answers itself (*resp*, else by its decision):
+        counted (under *route*, else its decision's) and logged like forwarded ones."""
+        action = decision.action
+        if resp is None:
+            if action is Action.WELL_KNOWN_SERVER or action is Action.WELL_KNOWN_CLIENT:
+                resp = self._well_known(request.method, action, rid)
+            elif action is Action.OPTIONS_ASTERISK:
+                resp = web.Response(status=200, headers={"Allow": ALLOW})
+            else:
+                resp = self._answer(LOCAL_ANSWERS[action], decision.matrix, rid,
+                                    decision.reason)
         if self.retired:
             resp.force_close()
+        gen = self.gen
         if gen.access.enabled:
             gen.access.write(request, self.name, client, _Record(), time.monotonic(), rid, resp)
         if gen.metrics is not None:
             gen.metrics.observe(self.name, route or _ROUTE.get(action, "other"), resp.status,
                                 0.0, 0, 0)
-        return _ready(resp)
+        return resp
 
     # -- local answers -------------------------------------------------------------
 
@@ -221,9 +228,20 @@ class ListenerHandler:
         assert self.hosts is not None
         return host.rstrip(".") in self.hosts
 
+    def _answer(self, row: Outcome, matrix: bool, rid: bytes, reason: str = ""
+                ) -> web.Response:
+        """The answer a row of the :mod:`errors` tables gives; *reason* fills
+        its ``{reason}``."""
+        text = reason if row.text is None else row.text.format(reason=reason)
+        resp = self._error(row.status, text, matrix if row.matrix is None else row.matrix,
+                           rid, close=row.close, errcode=row.errcode)
+        if row.allow is not None:
+            resp.headers["Allow"] = row.allow
+        return resp
+
     def _error(self, status: int, reason: str, matrix: bool, rid: bytes,
-               close: bool = False) -> web.Response:
-        body, ctype = error_body(status, reason, matrix)
+               close: bool = False, errcode: str | None = None) -> web.Response:
+        body, ctype = error_body(status, reason, matrix, errcode)
         resp = web.Response(status=status, body=body, headers={"Content-Type": ctype})
         if matrix:
             resp.headers.extend(wellknown.CORS_HEADERS)
@@ -274,128 +292,122 @@ class ListenerHandler:
     async def _forward(self, request: web.BaseRequest, method: str, target: str,
                        matrix: bool, client: str, rid: bytes, route: str, peer: str
                        ) -> web.StreamResponse:
-        """Forward one request; the one funnel from failures to responses.
-
-        *client* is the client address (logs, limits); *peer* the connection
-        address that ``X-Forwarded-For`` appends."""
+        """Forward one request (again if :func:`exchange.may_retry` allows), relay
+        the response; failures go to the one funnel, :meth:`_failed`. *client*
+        is the client (logs, limits); *peer* what ``X-Forwarded-For`` appends."""
         gen = self.gen
-        metrics = gen.metrics
-        started = time.monotonic() if gen.access.enabled or metrics is not None else 0.0
+        started = time.monotonic() if gen.access.enabled or gen.metrics is not None else 0.0
         rec = _Record()
         resp: web.StreamResponse | None = None
-        pump: _BodyPump | None = None
-        conn: Connection | None = None
-        spooled: spool.SpooledBody | None = None
         try:
             head, has_body, chunked, buffer = self._request_head(request, method, target,
                                                                 peer, rid)
-            limits = gen.limits
             if buffer:
-                # forwarding.buffer_chunked_uploads: the whole body first, then
-                # the head with its length and the body read back (spool.py).
-                spooled = await spool.collect(request, limits.max_body_size,
-                                              limits.body_timeout)
-                head = spool.with_length(head, spooled.size)
-                request = spool.replay(request, spooled)
+                request, head = await self._collect(request, head, rec)
             read_timeout = gen.read_timeout
+            pool = gen.pool
             for attempt in (0, 1):
-                conn = await (gen.pool.acquire() if attempt == 0 else gen.pool.connect())
+                conn = rec.conn = (pool.idle() if attempt == 0 else None) or await pool.connect()
                 conn.begin(head_only=method == "HEAD")
                 conn.write(head)
                 if has_body:
-                    pump = _BodyPump(request, conn, chunked, limits.max_body_size,
-                                     limits.body_timeout, read_timeout)
+                    rec.pump = _BodyPump(request, conn, chunked, gen.limits.max_body_size,
+                                         gen.limits.body_timeout, read_timeout)
                 try:
-                    # The response deadline starts once the request body is
-                    # sent: until then limits.body_timeout polices the upload
-                    # (a slow client's upload is not a slow upstream), and an
-                    # early answer (401 mid-upload) still wakes this wait.
-                    while (fut := conn.wait_head(
-                            None if pump is not None and pump.sending else read_timeout)
+                    # No response deadline while the body is sent (_BodyPump.sending).
+                    while (fut := conn.wait_head(None if rec.pump is not None
+                                                 and rec.pump.sending else read_timeout)
                            ) is not None:
                         await fut
                     break
                 except UpstreamBroken:
-                    # A pooled connection the upstream closed while idle: retry
-                    # once on a fresh one, but only if nothing of the response
-                    # came, no body byte was taken from the client, and the
-                    # method is idempotent (RFC 9110 section 9.2.2: a proxy
-                    # MUST NOT retry others; the upstream may have acted).
-                    if (attempt == 0 and conn.reused and not conn.got_bytes
-                            and method in _IDEMPOTENT
-                            and (pump is None or pump.consumed == 0)):
-                        if pump is not None:
-                            pump.cancel()
-                            pump = None
-                        conn.finish(reusable=False)
-                        continue
-                    raise
-            status, reason, up_headers = conn.head()
-            rec.upstream_status = status
-            block, length_out = hdr.response_block(up_headers, gen.rid_name, rid)
-            no_body = method == "HEAD" or status in _NO_BODY_STATUSES
-            out = rec.response = ProxiedResponse(status, reason, block, length_out, no_body)
-            if self.retired:
-                out.force_close()
-            out.start(request)
-            if no_body:
-                out.send(b"", last=True)
-            else:
-                while True:
-                    data = conn.take()
-                    if not data and (fut := conn.wait_body(read_timeout)) is not None:
-                        await fut
-                        continue
-                    rec.bytes_out += len(data)
-                    # The last piece goes with the head (when still pending)
-                    # and the end of the body in one write.
-                    last = conn.drained()
-                    if out.send(data, last):
-                        # The client is behind: hold the upstream too, so a
-                        # stalled client costs one piece, not one per side.
-                        conn.pause()
-                        try:
-                            async with asyncio.timeout(limits.body_timeout):
-                                await out.drain()
-                        except TimeoutError:
-                            raise ClientTooSlow("client stopped reading the response") from None
-                    if last:
-                        break
-            conn.finish(reusable=pump is None or pump.done())
-            conn = None
+                    if attempt or not _retry(rec, conn, method):
+                        raise
+            out, last = self._respond(request, rec, conn, method, rid)
+            while not last:
+                data = conn.take()
+                if not data and (fut := conn.wait_body(read_timeout)) is not None:
+                    await fut
+                    continue
+                rec.bytes_out += len(data)
+                # The last piece, the head if still pending, the body's end: one write.
+                last = conn.drained()
+                if out.send(data, last):
+                    # The client is behind: hold the upstream too, so a
+                    # stalled client costs one piece, not one per side.
+                    conn.pause()
+                    await _drain(out, gen.limits.body_timeout)
+            conn.finish(reusable=rec.pump is None or rec.pump.done())
+            rec.conn = None
             resp = out
         except GateError as exc:
-            rec.error = exc.log_word
-            if metrics is not None and (kind := UPSTREAM_ERROR_KIND.get(type(exc))):
-                metrics.upstream_error(kind)
-            _log_detail(exc, self.name, rid)
-            if rec.response is not None and rec.response.started:
-                # The response has begun: the only honest signal left is to
-                # close the connection (never a clean short body).
-                request.protocol.force_close()
-                resp = rec.response
-            else:
-                resp = self._error(exc.status, exc.public, matrix, rid,
-                                   close=exc.status in (400, 408, 413))
+            resp = self._failed(exc, request, rec, matrix, rid)
         except ConnectionError:
-            # The client went away mid-response: not an error of anyone's.
-            rec.error = "client_gone"
+            rec.error = "client_gone"  # the client went away: not an error of anyone's
             request.protocol.force_close()
             resp = rec.response or web.Response(status=499)
         finally:
-            if pump is not None:
-                rec.bytes_in = pump.consumed
-                pump.cancel()
-            if conn is not None:
-                conn.finish(reusable=False)
-            if spooled is not None:
-                spooled.close()
-            if gen.access.enabled:
-                gen.access.write(request, self.name, client, rec, started, rid, resp)
-            if metrics is not None:
-                metrics.observe(self.name, route, resp.status if resp is not None else 499,
-                                time.monotonic() - started, rec.bytes_in, rec.bytes_out)
+            self._done(request, rec, client, rid, route, started, resp)
         return resp
+
+    async def _collect(self, request: web.BaseRequest, head: bytes, rec: _Record
+                       ) -> tuple[web.BaseRequest, bytes]:
+        """forwarding.buffer_chunked_uploads: the whole body first, then the
+        head with its length and the body read back (spool.py)."""
+        limits = self.gen.limits
+        spooled = rec.spooled = await spool.collect(request, limits.max_body_size,
+                                                    limits.body_timeout)
+        return spool.replay(request, spooled), spool.with_length(head, spooled.size)
+
+    def _respond(self, request: web.BaseRequest, rec: _Record, conn: Connection, method: str,
+                 rid: bytes) -> tuple[ProxiedResponse, bool]:
+        """Begin the client's response from the upstream's head; whether it
+        is already whole (no body)."""
+        status, reason, up_headers = conn.exchange.head()
+        rec.upstream_status = status
+        block, length_out = hdr.response_block(up_headers, self.gen.rid_name, rid)
+        no_body = method == "HEAD" or status in _NO_BODY_STATUSES
+        out = rec.response = ProxiedResponse(status, reason, block, length_out, no_body)
+        if self.retired:
+            out.force_close()
+        out.start(request)
+        if no_body:
+            out.send(b"", last=True)
+        return out, no_body
+
+    def _failed(self, exc: GateError, request: web.BaseRequest, rec: _Record, matrix: bool,
+                rid: bytes) -> web.StreamResponse:
+        """The funnel: the answer to *exc*, as its row of errors.FAILURES says."""
+        row = exc.outcome
+        rec.error = row.word
+        metrics = self.gen.metrics
+        if metrics is not None and row.metric is not None:
+            metrics.upstream_error(row.metric)
+        _log_detail(exc, self.name, rid)
+        if rec.response is not None and rec.response.started:
+            # The response has begun: the only honest signal left is to
+            # close the connection (never a clean short body).
+            request.protocol.force_close()
+            return rec.response
+        return self._error(row.status, exc.public, matrix, rid, close=row.close,
+                           errcode=row.errcode)
+
+    def _done(self, request: web.BaseRequest, rec: _Record, client: str, rid: bytes,
+              route: str, started: float, resp: web.StreamResponse | None) -> None:
+        """Release what the request held; its access line and metrics."""
+        if (pump := rec.pump) is not None:
+            rec.bytes_in = pump.consumed
+            pump.cancel()
+        if rec.conn is not None:
+            rec.conn.finish(reusable=False)
+        if rec.spooled is not None:
+            rec.spooled.close()
+        gen = self.gen
+        if gen.access.enabled:
+            gen.access.write(request, self.name, client, rec, started, rid, resp)
+        if gen.metrics is not None:
+            gen.metrics.observe(self.name, route, resp.status if resp is not None else 499,
+                                time.monotonic() - started, rec.bytes_in, rec.bytes_out)
 
     def _request_head(self, request: web.BaseRequest, method: str, target: str, peer: str,
                       rid: bytes) -> tuple[bytes, bool, bool, bool]:
@@ -453,7 +465,10 @@ class _BodyPump:
     def __init__(self, request: web.BaseRequest, conn: Connection, chunked: bool,
                  limit: int, body_timeout: float, write_timeout: float) -> None:
         self.consumed = 0
-        #: True until the body is sent (or the pump ended otherwise)
+        #: True until the body is sent (or the pump ended otherwise). Until
+        #: then the wait for the response has no deadline: limits.body_timeout
+        #: polices the upload (a slow client's upload is not a slow
+        #: upstream), and an early answer (401 mid-upload) still ends the wait.
         self.sending = True
         self._request = request
         self._conn = conn
@@ -505,9 +520,11 @@ class _BodyPump:
 
 
 class _Record:
-    """What the access log says about one request."""
+    """What the access log says about one request, and what it holds while
+    it is forwarded (released by :meth:`ListenerHandler._done`)."""
 
-    __slots__ = ("bytes_in", "bytes_out", "error", "response", "upstream_status")
+    __slots__ = ("bytes_in", "bytes_out", "conn", "error", "pump", "response", "spooled",
+                 "upstream_status")
 
     def __init__(self) -> None:
         self.upstream_status = 0
@@ -515,6 +532,33 @@ class _Record:
         self.bytes_out = 0
         self.error = ""
         self.response: ProxiedResponse | None = None
+        self.conn: Connection | None = None
+        self.pump: _BodyPump | None = None
+        self.spooled: spool.SpooledBody | None = None
+
+
+def _retry(rec: _Record, conn: Connection, method: str) -> bool:
+    """Whether to send the request again after the upstream dropped *conn*
+    unanswered (:func:`exchange.may_retry`); if so, *conn* is let go."""
+    pump = rec.pump
+    if not may_retry(method, conn.reused, conn.got_bytes,
+                     0 if pump is None else pump.consumed):
+        return False
+    if pump is not None:
+        pump.cancel()
+        rec.pump = None
+    conn.finish(reusable=False)
+    rec.conn = None
+    return True
+
+
+async def _drain(out: ProxiedResponse, timeout: float) -> None:
+    """Wait for a client that is behind, for at most *timeout* seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            await out.drain()
+    except TimeoutError:
+        raise ClientTooSlow("client stopped reading the response") from None
 
 
 def _log_detail(exc: GateError, listener: str, rid: bytes) -> None:

@@ -1,23 +1,19 @@
 """The upstream leg: a keep-alive pool of HTTP/1.1 connections to Palpo.
 
-This module owns the connections to the upstream (TCP or UNIX socket) and the
-parsing of its responses (httptools). It writes the request head it is given
-as bytes, unchanged: the target the client sent is the target Palpo gets. It
-knows nothing of routing or of the client side.
+This module owns the connections to the upstream (TCP or UNIX socket): it
+connects, writes the request head it is given as bytes, unchanged (the
+target the client sent is the target Palpo gets), moves the response bytes
+into :mod:`exchange`, which holds the rules of HTTP/1.1 responses, and hands
+out what that made. It owns the waits: backpressure both ways and the
+deadlines. It knows nothing of routing or of the client side.
 
 Why not aiohttp's ClientSession: it re-quotes or drops parts of the target
 (a trailing ``?``, ``#frag``), adds headers of its own, and costs about 2.7x
 the CPU per request (see AIOHTTP-FACTS section 8).
 
 Rules kept here:
-- a connection goes back to the pool only when its response was read to the
-  end and both sides allow keep-alive; anything else closes it;
-- a response to HEAD is taken as complete at its head (RFC 9110 section
-  9.3.2); httptools cannot be told it has no body, so the next exchange on
-  that connection gets a fresh parser, and any byte after the head makes the
-  connection out of step;
-- the response head is capped at :data:`MAX_RESPONSE_HEAD` bytes, counted
-  before httptools sees them;
+- a connection goes back to the pool only when :mod:`exchange` says it is
+  reusable and the caller read the response whole; anything else closes it;
 - what one connection buffers is bounded: reads go into one buffer the pool
   shares, sized to what the connection may still hold;
 - every failure becomes one of the :mod:`errors` classes.
@@ -28,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import math
 
-import httptools
-
 from .config import Upstream
 from .errors import UpstreamBroken, UpstreamConnectTimeout, UpstreamTimeout, UpstreamUnavailable
+from .exchange import BROKEN, MAX_RESPONSE_HEAD, Exchange
+
+__all__ = ["IDLE_EXPIRY", "MAX_RESPONSE_HEAD", "Connection", "Deadlines", "Pool"]
 
 #: The most response body one connection buffers while the client is not
 #: taking it. It is also the largest read: a read never asks for more than the
@@ -39,19 +36,10 @@ from .errors import UpstreamBroken, UpstreamConnectTimeout, UpstreamTimeout, Ups
 #: costs (with response._HIGH_WATER on the client side) is bounded by it, and
 #: 64 KiB reads keep loopback downloads at full speed.
 _HIGH_WATER = 64 * 1024
-#: The most bytes of response head (status line and header fields, with any
-#: interim 1xx responses before it), as nginx's proxy_buffer_size bounds it.
-#: Counted before httptools sees them: it joins a long header value by
-#: repeated concatenation, quadratic in its length.
-MAX_RESPONSE_HEAD = 64 * 1024
 #: Idle pooled connections older than this are not reused: an upstream that
 #: times idle connections out (60 s is common) may be closing them right now,
 #: and a request written into that race cannot always be retried.
 IDLE_EXPIRY = 50.0
-
-
-class _Overrun(Exception):
-    """Raised inside the parser to stop it at bytes past the response."""
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -59,20 +47,17 @@ class Connection(asyncio.BufferedProtocol):
 
     # Slots: thousands of these are held during long-polls.
     __slots__ = (
-        "_body_until_close", "_buffered", "_chunks", "_drain_waiter", "_exc", "_head_bytes",
-        "_head_only", "_head_ready", "_in_exchange", "_keep_alive", "_loop", "_overrun",
-        "_parser", "_pool", "_read_paused", "_reason", "_timer_key", "_waiter",
-        "_write_paused", "closed", "complete", "got_bytes", "headers", "idle_since", "reused",
-        "status", "transport",
+        "_drain_waiter", "_exc", "_in_exchange", "_loop", "_pool", "_read_paused",
+        "_timer_key", "_waiter", "_write_paused", "closed", "exchange", "idle_since",
+        "reused", "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self._loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        # Made at the first response byte: a held long-poll has none yet, and
-        # a parser costs about 1 KiB.
-        self._parser: httptools.HttpResponseParser | None = None
+        #: the rules of the responses on this connection
+        self.exchange = Exchange()
         self.closed = False
         #: True when this connection served an earlier exchange (came from the pool)
         self.reused = False
@@ -80,28 +65,15 @@ class Connection(asyncio.BufferedProtocol):
         self._in_exchange = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._reset_exchange(False)
-
-    def _reset_exchange(self, head_only: bool) -> None:
-        self._head_only = head_only
-        self.got_bytes = False
-        self.status = 0
-        self._reason = bytearray()
-        self.headers: list[tuple[bytes, bytes]] = []
-        self._head_ready = False
-        self._chunks: list[bytes] = []  # a list: an empty deque costs 760 bytes
-        self._buffered = 0
         self._read_paused = False
-        self.complete = False
-        self._keep_alive = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer_key = 0
-        self._body_until_close = False
-        #: bytes came after the end of the response: out of step, never reused
-        self._overrun = False
-        #: bytes fed to the parser before the final response head was complete
-        self._head_bytes = 0
+
+    @property
+    def got_bytes(self) -> bool:
+        """A byte of the response came."""
+        return self.exchange.got_bytes
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -111,7 +83,7 @@ class Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # Never more than the room left below _HIGH_WATER: one read cannot
         # take a connection past it (reading is paused once there is no room).
-        room = _HIGH_WATER - self._buffered
+        room = _HIGH_WATER - self.exchange.buffered
         view = self._pool.read_view
         return view if room >= _HIGH_WATER else view[:max(room, 1)]
 
@@ -123,54 +95,17 @@ class Connection(asyncio.BufferedProtocol):
             # Bytes nobody asked for: the connection is out of step; drop it.
             self._close()
             return
-        self.got_bytes = True
-        if self.complete:
-            # Bytes after the end of the response (or after a HEAD response's
-            # head): the upstream is out of step; this connection is not reused.
-            self._overrun = True
-            return
-        parser = self._parser
-        if parser is None:
-            parser = self._parser = httptools.HttpResponseParser(self)
-        try:
-            if self._head_ready:
-                parser.feed_data(data)
-            elif len(data) <= MAX_RESPONSE_HEAD - self._head_bytes:
-                self._head_bytes += len(data)
-                parser.feed_data(data)
-            else:
-                self._feed_capped(parser, data)
-        except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Overrun):
-                self._overrun = True  # the response before it stands
-            else:
-                self._fail(UpstreamBroken(f"invalid response from upstream: "
-                                          f"{exc.__context__ or exc}"))
-                self._close()
-        except httptools.HttpParserUpgrade:
-            # 101 Switching Protocols: the gate never forwards Upgrade, so an
-            # upstream that switches anyway is out of step.
-            self._fail(UpstreamBroken("upstream switched protocols unasked"))
-            self._close()
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamBroken(f"invalid response from upstream: {exc}"))
-            self._close()
-
-    def _feed_capped(self, parser: httptools.HttpResponseParser,
-                     data: bytes | memoryview) -> None:
-        """Feed the head up to its cap; past the cap, the head must be complete."""
-        room = MAX_RESPONSE_HEAD - self._head_bytes
-        self._head_bytes = MAX_RESPONSE_HEAD
-        if room > 0:
-            parser.feed_data(data[:room])
-        if not self._head_ready:
-            self._fail(UpstreamBroken(
-                f"upstream response head over {MAX_RESPONSE_HEAD} bytes"))
-            self._close(abort=True)
-        elif self.complete:
-            self._overrun = True  # bytes after the response, or after a HEAD response's head
-        elif not self.closed:
-            parser.feed_data(data[room:])
+        exchange = self.exchange
+        events = exchange.feed(data)
+        if events:
+            if events & BROKEN:
+                self._fail(UpstreamBroken(exchange.error or "invalid response from upstream"))
+                self._close(abort=True)
+                return
+            if exchange.buffered >= _HIGH_WATER and not self._read_paused and self.transport:
+                self._read_paused = True
+                self.transport.pause_reading()
+            self._wake()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -180,14 +115,14 @@ class Connection(asyncio.BufferedProtocol):
         self._pool._discard(self)
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(UpstreamBroken("upstream closed the connection"))
-        if not self._in_exchange or self.complete:
+        if not self._in_exchange:
             return
-        if self._head_ready and self._body_until_close:
-            # RFC 9112 section 6.3 rule 8: the body ends when the connection does.
-            self.complete = True
+        exchange = self.exchange
+        events = exchange.eof()
+        if events & BROKEN:
+            self._fail(UpstreamBroken(exchange.error or "upstream closed the connection"))
+        elif events:
             self._wake()
-            return
-        self._fail(UpstreamBroken("upstream closed the connection"))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -197,80 +132,6 @@ class Connection(asyncio.BufferedProtocol):
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
-
-    # -- httptools callbacks --------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._head_ready:
-            # A second message after the final response (RFC 9112 section 6.3:
-            # a response to a request the gate never sent). Stop parsing here:
-            # it must neither change the response being sent nor stay in the
-            # pool half-parsed.
-            raise _Overrun
-        self._reason.clear()
-        self.headers = []
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # After the head these are trailer fields: never merged into the head
-        # (RFC 9110 section 6.5.1); dropped.
-        if not self._head_ready:
-            self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        status = self._parser.get_status_code()
-        if status < 200:
-            # Interim (100, 103): not forwarded; wait for the final response.
-            # 101 is never asked for (Upgrade is not forwarded): data_received fails it.
-            return
-        framed = False  # by Content-Length or chunked
-        codings: list[bytes] = []
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                framed = True
-            elif lname == b"transfer-encoding":
-                codings.append(value)
-        if codings:
-            if len(codings) > 1 or codings[0].strip().lower() != b"chunked":
-                # Only chunked is understood (RFC 9112 section 6.1); anything
-                # else would be passed on mis-framed.
-                raise UpstreamBroken("upstream sent a Transfer-Encoding other than chunked")
-            framed = True
-        self.status = status
-        self._head_ready = True
-        if self._head_only:
-            # The response to HEAD ends at its head, whatever its framing
-            # headers say (RFC 9110 section 9.3.2). Read now: the parser
-            # never reaches the end of this message.
-            self._keep_alive = self._parser.should_keep_alive()
-            self.complete = True
-        elif status not in (204, 304):
-            self._body_until_close = not framed
-        self._wake()
-
-    def on_body(self, body: bytes) -> None:
-        if self._head_only:
-            self._overrun = True  # a body after a HEAD response's head
-            return
-        self._chunks.append(body)
-        self._buffered += len(body)
-        if self._buffered >= _HIGH_WATER and not self._read_paused and self.transport:
-            self._read_paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if not self._head_ready or self._head_only:
-            return  # end of an interim response; a HEAD response ended at its head
-        # Read it here: httptools forgets it once feed_data() returns.
-        assert self._parser is not None
-        self._keep_alive = self._parser.should_keep_alive()
-        self.complete = True
-        self._wake()
 
     # -- the exchange -----------------------------------------------------------
 
@@ -293,7 +154,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def begin(self, head_only: bool) -> None:
         self._in_exchange = True
-        self._reset_exchange(head_only)
+        self.exchange.start(head_only)
 
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closed:
@@ -337,7 +198,7 @@ class Connection(asyncio.BufferedProtocol):
         is done, so that the caller can wait again with a deadline).
         """
         self._disarm()
-        if self._head_ready:
+        if self.exchange.head_ready:
             return None
         if self._exc is not None:
             raise self._exc
@@ -351,7 +212,7 @@ class Connection(asyncio.BufferedProtocol):
         self._wake()
 
     def head(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        return self.status, bytes(self._reason), self.headers
+        return self.exchange.head()
 
     def take(self) -> bytes:
         """The response body buffered so far (b"" if none); raises the
@@ -360,14 +221,9 @@ class Connection(asyncio.BufferedProtocol):
         if self._read_paused and self.transport is not None:
             self._read_paused = False
             self.transport.resume_reading()
-        chunks = self._chunks
-        if not chunks:
-            if self._exc is not None and not self.complete:
-                raise self._exc
-            return b""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._buffered = 0
+        data = self.exchange.take()
+        if not data and self._exc is not None and not self.exchange.complete:
+            raise self._exc
         return data
 
     def pause(self) -> None:
@@ -379,7 +235,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def wait_body(self, timeout: float) -> asyncio.Future[None] | None:
         """None if body bytes or the end are here; else a future to await."""
-        if self._chunks or self.complete:
+        exchange = self.exchange
+        if exchange.body or exchange.complete:
             return None
         if self._exc is not None:
             raise self._exc
@@ -399,24 +256,21 @@ class Connection(asyncio.BufferedProtocol):
 
     def drained(self) -> bool:
         """The response is complete and every body byte has been handed out."""
-        return self.complete and not self._chunks
+        exchange = self.exchange
+        return exchange.complete and not exchange.body
 
     def finish(self, reusable: bool) -> None:
         """End the exchange: back to the pool if the response was read whole and
-        both sides keep the connection alive, closed otherwise."""
+        the exchange allows reuse, closed otherwise."""
         self._in_exchange = False
         self._disarm()
-        if (reusable and self.complete and self._keep_alive
-                and not self.closed and self._exc is None and not self._overrun):
-            if self._head_only:
-                # The parser still waits for the body the HEAD response's
-                # framing announced: the next response gets a fresh one.
-                self._parser = None
+        if reusable and self.exchange.reusable and not self.closed and self._exc is None:
             if self._read_paused and self.transport is not None:
                 # Paused for a slow client at the last piece: an idle pooled
                 # connection must still see the upstream close it.
                 self.transport.resume_reading()
-            self._reset_exchange(False)
+            self.exchange.next_cycle()
+            self._read_paused = False
             self._pool._release(self)
         else:
             self._close(abort=True)
@@ -493,6 +347,11 @@ class Pool:
 
     async def acquire(self) -> Connection:
         """A pooled connection if one is idle, else a new one."""
+        return self.idle() or await self.connect()
+
+    def idle(self) -> Connection | None:
+        """A pooled connection, if one is idle and young enough (no coroutine:
+        this is every request's path)."""
         if self._idle:
             expired = self.loop.time() - IDLE_EXPIRY
             while self._idle:
@@ -505,7 +364,7 @@ class Pool:
                 elif not conn.closed:
                     conn.reused = True
                     return conn
-        return await self.connect()
+        return None
 
     async def connect(self) -> Connection:
         cfg = self.cfg

@@ -12,9 +12,8 @@ from palpo_gate.headers import (
     build_request_head,
     host_with_port,
     new_request_id,
-    response_headers,
+    response_block,
     sane_request_id,
-    strip_hop_by_hop,
 )
 
 H = list[tuple[bytes, bytes]]
@@ -31,17 +30,43 @@ HOP_VALUES = {
     b"Proxy-Authorization": b"Basic dTpw", b"Proxy-Authenticate": b"Basic realm=x",
 }
 
-# -- strip_hop_by_hop --------------------------------------------------------------------
+# -- hop-by-hop and the Connection-token rule, in both directions ---------------------------
+#
+# The same table runs through the two functions that serve traffic:
+# build_request_head (client -> upstream) and response_block (upstream -> client).
 
 AROUND: H = [(b"Accept", b"*/*"), (b"Authorization", b"Bearer t")]
+RID = b"X-Request-ID"
 
 
+def _passed_request(headers: H) -> bytes:
+    """The header lines build_request_head passes on from *headers*."""
+    head = _head(headers)
+    start = len(REQ_LINE + b"\r\n" + HOST + b"\r\n")
+    end = head.index(b"X-Forwarded-For: ")
+    assert head.endswith(_lines(*TAIL_UNTRUSTED)), head
+    return head[start:end]
+
+
+def _passed_response(headers: H) -> bytes:
+    """The header lines response_block passes on from *headers*."""
+    block, _ = response_block(headers, RID, b"rid-1")
+    assert block.endswith(b"X-Request-ID: rid-1\r\n"), block
+    return block[:-len(b"X-Request-ID: rid-1\r\n")]
+
+
+def _block(headers: H) -> bytes:
+    return b"".join(b"%s: %s\r\n" % (n, v) for n, v in headers)
+
+
+@pytest.mark.parametrize("direction", ["request", "response"])
 @pytest.mark.parametrize("spelling", ["as-is", "lower", "upper"])
 @pytest.mark.parametrize("name", HOP_BY_HOP, ids=[n.decode() for n in HOP_BY_HOP])
-def test_each_hop_by_hop_header_is_removed(name: bytes, spelling: str) -> None:
+def test_each_hop_by_hop_header_is_removed(name: bytes, spelling: str, direction: str) -> None:
     sent = {"as-is": name, "lower": name.lower(), "upper": name.upper()}[spelling]
     headers = [AROUND[0], (sent, HOP_VALUES[name]), AROUND[1]]
-    assert strip_hop_by_hop(headers) == AROUND
+    passed = _passed_request if direction == "request" else _passed_response
+    assert passed(headers) == _block(AROUND)
 
 
 STRIP_TABLE: list[tuple[str, H, H]] = [
@@ -84,20 +109,31 @@ STRIP_TABLE: list[tuple[str, H, H]] = [
         [(b"Cookie", b"a=1;  b=2 "), (b"Content-Type", b"application/json; charset=UTF-8")],
         [(b"Cookie", b"a=1;  b=2 "), (b"Content-Type", b"application/json; charset=UTF-8")],
     ),
+    (
+        "a name listed in Connection that is hop-by-hop anyway",
+        [(b"Connection", b"Keep-Alive, TE"), (b"Keep-Alive", b"timeout=5"), (b"X-A", b"1")],
+        [(b"X-A", b"1")],
+    ),
+    ("an empty Connection list", [(b"Connection", b" , "), (b"X-A", b"1")], [(b"X-A", b"1")]),
     ("nothing", [], []),
 ]
 
 
+
+
+@pytest.mark.parametrize("direction", ["request", "response"])
 @pytest.mark.parametrize(("headers", "expected"), [r[1:] for r in STRIP_TABLE],
                          ids=[r[0] for r in STRIP_TABLE])
-def test_strip_hop_by_hop(headers: H, expected: H) -> None:
-    assert strip_hop_by_hop(headers) == expected
+def test_connection_named_headers_are_removed(headers: H, expected: H, direction: str) -> None:
+    passed = _passed_request if direction == "request" else _passed_response
+    assert passed(headers) == _block(expected)
 
 
-def test_strip_hop_by_hop_does_not_modify_its_input() -> None:
-    headers = [(b"Connection", b"X-A"), (b"X-A", b"1")]
-    strip_hop_by_hop(headers)
-    assert headers == [(b"Connection", b"X-A"), (b"X-A", b"1")]
+def test_the_header_builders_do_not_modify_their_input() -> None:
+    headers = [(b"Connection", b"X-A"), (b"X-A", b"1"), (b"Content-Length", b"1")]
+    _head(headers)
+    response_block(headers, RID, b"rid-1")
+    assert headers == [(b"Connection", b"X-A"), (b"X-A", b"1"), (b"Content-Length", b"1")]
 
 
 # -- build_request_head ------------------------------------------------------------------
@@ -390,9 +426,10 @@ def test_new_request_ids_are_sane_and_distinct() -> None:
     assert all(sane_request_id(i) for i in ids)
 
 
-# -- response_headers --------------------------------------------------------------------
+# -- response_block ----------------------------------------------------------------------
 
-RESPONSE_TABLE: list[tuple[str, H, H]] = [
+#: (name, upstream headers, request id header name, lines passed, Content-Length)
+RESPONSE_TABLE: list[tuple[str, H, bytes, H, int | None]] = [
     (
         "Content-Length and hop-by-hop removed, Set-Cookie duplicates kept",
         [(b"Content-Type", b"application/json"), (b"Content-Length", b"5"),
@@ -401,26 +438,53 @@ RESPONSE_TABLE: list[tuple[str, H, H]] = [
          (b"Transfer-Encoding", b"chunked"), (b"Keep-Alive", b"timeout=5"),
          (b"Proxy-Authenticate", b"Basic"), (b"Upgrade", b"h2c"), (b"Trailer", b"X"),
          (b"set-cookie", b"a=1; Path=/"), (b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT")],
+        RID,
         [(b"Content-Type", b"application/json"), (b"Set-Cookie", b"a=1; Path=/"),
          (b"Set-Cookie", b"b=2; Path=/"), (b"set-cookie", b"a=1; Path=/"),
          (b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT")],
+        5,
     ),
     (
-        "content-length in any case",
+        "content-length in any case: the last one is the length",
         [(b"content-length", b"5"), (b"CONTENT-LENGTH", b"5"), (b"ETag", b'"x"')],
-        [(b"ETag", b'"x"')],
+        RID, [(b"ETag", b'"x"')], 5,
     ),
     (
-        "nothing to remove: unchanged, Content-Encoding kept",
+        "no Content-Length: none (the gate frames the body itself)",
         [(b"Content-Encoding", b"gzip"), (b"Vary", b"Accept-Encoding"),
          (b"Cache-Control", b"no-cache")],
+        RID,
         [(b"Content-Encoding", b"gzip"), (b"Vary", b"Accept-Encoding"),
          (b"Cache-Control", b"no-cache")],
+        None,
     ),
+    (
+        "Content-Length 0",
+        [(b"Content-Length", b"0")], RID, [], 0,
+    ),
+    (
+        "the upstream's request id replaced by the gate's, whatever its case",
+        [(b"x-request-id", b"from-upstream"), (b"ETag", b'"x"'), (b"X-REQUEST-ID", b"2")],
+        RID, [(b"ETag", b'"x"')], None,
+    ),
+    (
+        "a custom request id header: X-Request-ID passes, the custom one replaced",
+        [(b"X-Request-ID", b"up"), (b"x-correlation-id", b"up")],
+        b"X-Correlation-ID", [(b"X-Request-ID", b"up")], None,
+    ),
+    (
+        "Connection naming Content-Type and the request id header",
+        [(b"Connection", b"content-type, x-request-id"), (b"Content-Type", b"text/plain"),
+         (b"Content-Length", b"2")],
+        RID, [], 2,
+    ),
+    ("nothing", [], RID, [], None),
 ]
 
 
-@pytest.mark.parametrize(("headers", "expected"), [r[1:] for r in RESPONSE_TABLE],
-                         ids=[r[0] for r in RESPONSE_TABLE])
-def test_response_headers(headers: H, expected: H) -> None:
-    assert response_headers(headers) == expected
+@pytest.mark.parametrize(("headers", "rid_name", "expected", "length"),
+                         [r[1:] for r in RESPONSE_TABLE], ids=[r[0] for r in RESPONSE_TABLE])
+def test_response_block(headers: H, rid_name: bytes, expected: H, length: int | None) -> None:
+    block, length_out = response_block(headers, rid_name, b"rid-1")
+    assert block == _block(expected) + rid_name + b": rid-1\r\n"
+    assert length_out == length

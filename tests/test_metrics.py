@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from palpo_gate import metrics
+from palpo_gate import errors, metrics
 from palpo_gate.metrics import BUCKETS, Registry
 
 LE = ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30",
@@ -317,7 +317,10 @@ def test_errors_connections_and_reloads() -> None:
 
 
 def test_every_upstream_failure_class_has_a_kind() -> None:
-    assert sorted(metrics.UPSTREAM_ERROR_KIND.values()) == sorted(metrics.UPSTREAM_ERROR_KINDS)
+    kinds = [row.metric for row in errors.FAILURES.values() if row.metric is not None]
+    assert sorted(kinds) == sorted(metrics.UPSTREAM_ERROR_KINDS)
+    for cls, row in errors.FAILURES.items():
+        assert (row.metric is not None) == cls.__name__.startswith("Upstream"), cls
 
 
 def test_registered_gauges_are_evaluated_at_scrape_time() -> None:
