@@ -1,4 +1,4 @@
-# palpo_gate as a container (SPEC section 6): non-root, config at
+# palpo_gate as a container (docs/DESIGN.md section 6): non-root, config at
 # /etc/palpo-gate/config.toml, HEALTHCHECK on /health. The sidecar setup next
 # to Palpo is contrib/docker-compose.yml; its example config is
 # contrib/docker/palpo-gate.toml.

@@ -2,7 +2,7 @@
 
 The design in brief:
 
-- ``config``    parses the TOML file once into frozen records (SPEC section 7);
+- ``config``    parses the TOML file once into frozen records (docs/DESIGN.md section 7);
                 unknown keys and bad values are errors naming their key path.
 - ``routing``   decides what to do with a request on a *normalised* copy of its
                 path; the raw target is what gets forwarded, byte for byte.

@@ -1,4 +1,4 @@
-"""The access log: one line per request, plain or JSON (SPEC section 6).
+"""The access log: one line per request, plain or JSON (docs/DESIGN.md section 6).
 
 This module owns the line formats, the redaction of credentials in logged
 targets and the escaping that keeps every line splittable. It is the one

@@ -1,5 +1,5 @@
 """The command line: ``palpo-gate [--config PATH]``, ``palpo-gate check``,
-``palpo-gate doctor``, ``palpo-gate --version`` (SPEC section 6).
+``palpo-gate doctor``, ``palpo-gate --version`` (docs/DESIGN.md section 6).
 
 This module owns exit statuses: 0 for a clean stop or a valid config, 2 for
 a config that cannot be used (every error printed with its key path, no

@@ -1,6 +1,6 @@
 """The config file: TOML in, one immutable, fully parsed :class:`Config` out.
 
-This module owns the schema of SPEC section 7 and every default in it. It
+This module owns the schema of docs/DESIGN.md section 7 and every default in it. It
 opens no socket; it reads the file and asks :func:`tls.pair_problem` whether
 each certificate and key load as a pair, so that certificate errors are
 reported with all the others (``tls.py`` builds the SSL contexts the
@@ -36,7 +36,7 @@ from .tls import pair_problem
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: The embedded default: a local dev proxy (SPEC section 1, "No config at all").
+#: The embedded default: a local dev proxy (docs/DESIGN.md section 1, "No config at all").
 DEFAULT_CONFIG_TOML = """\
 [upstream]
 url = "http://127.0.0.1:8008"
@@ -103,7 +103,7 @@ class Tls:
     key: str
     strict_sni: bool = False
     sni: tuple[SniCert, ...] = ()
-    #: certificates for acme.domains, obtained by the gate (SPEC section 8)
+    #: certificates for acme.domains, obtained by the gate (docs/DESIGN.md section 8)
     acme: bool = False
 
 
@@ -223,7 +223,7 @@ ACME_CHALLENGES = ("http-01", "tls-alpn-01")
 
 @dataclass(frozen=True, slots=True)
 class Acme:
-    """``[acme]``: certificates obtained and renewed by the gate (SPEC section 8)."""
+    """``[acme]``: certificates obtained and renewed by the gate (docs/DESIGN.md section 8)."""
 
     domains: tuple[str, ...]
     directory: str = LETS_ENCRYPT
@@ -893,7 +893,7 @@ def _check_proxy_protocol(r: _Reader, cfg: Config) -> None:
                     "empty: list the balancers' addresses there")
 
 
-# -- [acme] (SPEC section 8) -----------------------------------------------------
+# -- [acme] (docs/DESIGN.md section 8) -----------------------------------------------------
 
 #: One DNS label (RFC 1035 section 2.3.1, with digits first as RFC 1123 allows).
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")

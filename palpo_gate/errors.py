@@ -1,5 +1,5 @@
 """The error funnel: every failure the gate answers itself becomes one status,
-one body and one log word here, from the tables below (SPEC section 5).
+one body and one log word here, from the tables below (docs/DESIGN.md section 5).
 
 Upstream failures are raised as :class:`GateError` subclasses anywhere in the
 IO shell and turned into a response only by :func:`error_body` and the proxy's

@@ -108,7 +108,7 @@ class Gate:
                  reuse_port: bool = False, metrics: Registry | None = None) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        #: automatic certificates (SPEC section 8), when [acme] is set
+        #: automatic certificates (docs/DESIGN.md section 8), when [acme] is set
         self.acme = _acme_service(cfg)
         self._certs = cert_sets(cfg, self.acme)
         self.generation = 1

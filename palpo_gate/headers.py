@@ -1,4 +1,4 @@
-"""Header rules for both directions (SPEC section 3).
+"""Header rules for both directions (docs/DESIGN.md section 3).
 
 This module owns which headers cross the gate and which the gate sets:
 - hop-by-hop headers, and every header named in ``Connection``, are removed
@@ -100,7 +100,7 @@ new_request_id = _RequestIds()
 
 def host_with_port(host: bytes | None, port: int, fallback: bytes) -> bytes:
     """The Host to send upstream: the client's, with the listener's port added when
-    it gave none (the seed's nginx ``Host $host:$server_port``)."""
+    it gave none (what Palpo's own nginx recipe does: ``Host $host:$server_port``)."""
     if not host:
         return fallback
     if port <= 0:

@@ -6,7 +6,7 @@ This module owns:
   and the metrics endpoint's own listener;
 - :class:`GateServer`, aiohttp's low-level ``web.Server`` (no router) of one
   listener of one generation, and its connections
-  (:class:`_HeadTimeoutProtocol`) with the connection limits of SPEC section
+  (:class:`_HeadTimeoutProtocol`) with the connection limits of docs/DESIGN.md section
   5: header timeout, idle keep-alive, line and head sizes, and the parser's
   refusals answered as Matrix JSON.
 
@@ -268,7 +268,7 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         """Invalid framing in the middle of a body being forwarded (a bad chunk
         size, say): aiohttp drops the body stream silently and queues a 400
         behind the request. Fail the body instead, so the handler aborts the
-        upstream request and answers 400 at once (SPEC section 5)."""
+        upstream request and answers 400 at once (docs/DESIGN.md section 5)."""
         msg = self.messages[-1][0]
         request = self.current_request
         if not isinstance(msg, compat.ErrInfo) or request is None:

@@ -1,5 +1,5 @@
 """Prometheus metrics: the per-process registry, the text exposition format,
-the merge of several workers' snapshots and the scrape handler (SPEC section 6,
+the merge of several workers' snapshots and the scrape handler (docs/DESIGN.md section 6,
 ``[metrics] bind``).
 
 This module owns every metric name, label set and bucket bound the gate
@@ -63,7 +63,7 @@ from aiohttp import web
 
 logger = logging.getLogger("palpo_gate.metrics")
 
-#: The ``route`` label: what the gate did with the request (SPEC section 2).
+#: The ``route`` label: what the gate did with the request (docs/DESIGN.md section 2).
 ROUTES: tuple[str, ...] = (
     "forward", "admin", "health", "well_known", "not_found", "bad_request", "rate_limited",
     "other",

@@ -1,4 +1,4 @@
-"""The life of one gate process (SPEC section 6): start, reload, stop.
+"""The life of one gate process (docs/DESIGN.md section 6): start, reload, stop.
 
 This module owns signals and what systemd is told:
 - start: bind every listener, then ``READY=1``;

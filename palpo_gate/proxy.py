@@ -415,7 +415,7 @@ class ListenerHandler:
         chunked, and whether it is a chunked upload to collect first (the head
         then has no framing yet: :func:`spool.with_length` adds it).
 
-        Raises the 400 / 413 of a body the gate will not take (SPEC section 3, 5).
+        Raises the 400 / 413 of a body the gate will not take (docs/DESIGN.md section 3, 5).
         """
         gen = self.gen
         raw_headers = request.raw_headers

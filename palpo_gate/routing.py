@@ -1,4 +1,4 @@
-"""Routing: what the gate does with a request target (SPEC section 2).
+"""Routing: what the gate does with a request target (docs/DESIGN.md section 2).
 
 This module owns the one rule everything rests on: the *decision* is made on a
 normalised copy of the path, the *request* is forwarded with the raw target,
@@ -76,7 +76,7 @@ _HEALTH = "/health"
 _WELL_KNOWN_SERVER = "/.well-known/matrix/server"
 _WELL_KNOWN_CLIENT = "/.well-known/matrix/client"
 _WELL_KNOWN_PREFIX = "/.well-known/matrix"
-#: Paths whose error bodies are Matrix JSON with CORS headers (SPEC section 5).
+#: Paths whose error bodies are Matrix JSON with CORS headers (docs/DESIGN.md section 5).
 _MATRIX_ROOTS = ("/_matrix", "/_palpo", "/_synapse", _WELL_KNOWN_PREFIX)
 
 
@@ -111,7 +111,7 @@ def normalise(path: str) -> str:
     """The first reading of *path* (the target without its query): decoded
     once, repeated slashes collapsed. This copy decides where a request goes.
 
-    Raises :class:`BadTarget` for targets refused by SPEC section 2 (items 2, 3).
+    Raises :class:`BadTarget` for targets refused by docs/DESIGN.md section 2 (items 2, 3).
     """
     if "\\" in path:
         raise BadTarget("backslash in path")
@@ -238,7 +238,7 @@ class Router:
 
     def _second_reading_refused(self, raw_path: str, path: str) -> str:
         """Why the second reading of *raw_path* is refused; empty if it is not
-        (SPEC section 2, item 4)."""
+        (docs/DESIGN.md section 2, item 4)."""
         readings = second_readings(raw_path)
         forward = self._forward.match(path)
         prefix = forward.group(0).rstrip("/") if forward is not None else ""

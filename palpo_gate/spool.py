@@ -1,7 +1,7 @@
 """Buffering a chunked upload so that it can be sent on with a Content-Length.
 
 Bodies stream through the gate; this module owns the one exception
-(``forwarding.buffer_chunked_uploads``, SPEC section 3). Some homeservers
+(``forwarding.buffer_chunked_uploads``, docs/DESIGN.md section 3). Some homeservers
 refuse a chunked media upload (Synapse: 400 "Request must specify a
 Content-Length"); nginx in front of them hides it, since it buffers request
 bodies by default and sends them on with their length. With the option on,

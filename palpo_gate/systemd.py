@@ -1,4 +1,4 @@
-"""What systemd and the gate say to each other (SPEC section 6), without libsystemd.
+"""What systemd and the gate say to each other (docs/DESIGN.md section 6), without libsystemd.
 
 This module owns three environment contracts of the service manager, each
 written against its man page and libsystemd's ``sd-daemon.c``:

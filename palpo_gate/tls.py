@@ -1,6 +1,6 @@
 """TLS for listeners: SSL contexts built at load, certificates chosen by SNI.
 
-This module owns the TLS policy of SPEC section 1: TLS 1.2 minimum, ALPN
+This module owns the TLS policy of docs/DESIGN.md section 1: TLS 1.2 minimum, ALPN
 ``http/1.1`` only (aiohttp serves HTTP/1.1; advertising h2 would break h2
 clients), a default certificate plus more chosen by SNI name, and optional
 strict SNI (an unknown or missing name fails the handshake, like HAProxy's
@@ -33,7 +33,7 @@ def server_context(cert: str, key: str | None = None,
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     # The certificate and ALPN come from the context the SNI callback picks,
-    # so every context carries the ALPN list (AIOHTTP-FACTS section 6).
+    # so every context carries the ALPN list (docs/DESIGN.md section 11).
     ctx.set_alpn_protocols(list(alpn))
     ctx.load_cert_chain(cert, key)
     return ctx

@@ -9,7 +9,7 @@ deadlines. It knows nothing of routing or of the client side.
 
 Why not aiohttp's ClientSession: it re-quotes or drops parts of the target
 (a trailing ``?``, ``#frag``), adds headers of its own, and costs about 2.7x
-the CPU per request (see AIOHTTP-FACTS section 8).
+the CPU per request (see docs/DESIGN.md section 11).
 
 Rules kept here:
 - a connection goes back to the pool only when :mod:`exchange` says it is

@@ -1,4 +1,4 @@
-"""Delegation documents and CORS (SPEC section 4).
+"""Delegation documents and CORS (docs/DESIGN.md section 4).
 
 This module owns the bytes of ``/.well-known/matrix/server`` and
 ``/.well-known/matrix/client`` and the CORS headers that go with them and with
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .config import WellKnown
 
-#: The CORS headers of the seed's HAProxy example, also on gate-made errors so
+#: The CORS headers of the Matrix spec's recommended values, also on gate-made errors so
 #: that a browser client sees a 502/504/413 and not a CORS failure.
 CORS_HEADERS: tuple[tuple[str, str], ...] = (
     ("Access-Control-Allow-Origin", "*"),

@@ -1,4 +1,4 @@
-"""The access log (SPEC section 6): the line formats and redaction as tables,
+"""The access log (docs/DESIGN.md section 6): the line formats and redaction as tables,
 then the real process: ``python -m palpo_gate`` with a recording upstream,
 its stdout read line by line."""
 

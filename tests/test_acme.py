@@ -1,4 +1,4 @@
-"""Automatic HTTPS against a real ACME CA (SPEC section 8): Debian's pebble on
+"""Automatic HTTPS against a real ACME CA (docs/DESIGN.md section 8): Debian's pebble on
 loopback (``tests/support/pebble.py``), the gate run as operators run it.
 
 Pebble resolves every name to 127.0.0.1 and validates on the gate's own

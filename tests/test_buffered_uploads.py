@@ -1,5 +1,5 @@
 """``forwarding.buffer_chunked_uploads``: chunked media uploads sent on with a
-Content-Length (SPEC section 3).
+Content-Length (docs/DESIGN.md section 3).
 
 The endpoint rule is a table (pure, no sockets). The rest runs a real gate in
 the test's event loop in front of the recording upstream, which keeps the exact

@@ -1,4 +1,4 @@
-"""The command line and the real process (SPEC sections 1, 5 and 6): what an
+"""The command line and the real process (docs/DESIGN.md sections 1, 5 and 6): what an
 operator types and sees. Every test runs ``python -m palpo_gate`` or the
 installed ``palpo-gate`` script as a subprocess: exit statuses, messages,
 signals, and the production handler settings (which the in-loop test gate
@@ -214,7 +214,7 @@ def test_runs_serves_forwards_and_stops_on_sigterm(upstream: ThreadUpstream,
 
 def test_idle_keep_alive_client_does_not_delay_stop(upstream: ThreadUpstream,
                                                     tmp_path: pathlib.Path) -> None:
-    """drain_timeout is the time given to in-flight requests (SPEC section 7); an
+    """drain_timeout is the time given to in-flight requests (docs/DESIGN.md section 7); an
     idle keep-alive connection (every Matrix client keeps one) has none, so the
     stop must not wait for it."""
     port = free_port()

@@ -1,4 +1,4 @@
-"""The config file (SPEC section 7, habits 2 and 8 of STYLE.md), as tables.
+"""The config file (docs/DESIGN.md section 7), as tables.
 
 Values parse once into typed records; a bad document is refused with every
 error at once, each naming its TOML key path; ``dump()`` prints a config that
@@ -456,7 +456,7 @@ bind = "localhost"
 
 # -- defaults ----------------------------------------------------------------------------
 
-#: SPEC sections 1 and 7, written out rather than taken from the dataclasses,
+#: docs/DESIGN.md sections 1 and 7, written out rather than taken from the dataclasses,
 #: so that a changed default fails here.
 SPEC_DEFAULT = Config(
     server=Server(workers=1, drain_timeout=10.0),
@@ -721,7 +721,7 @@ def test_example_shows_the_defaults(pem: dict[str, str]) -> None:
     assert commented[("metrics", "bind")] == '"127.0.0.1:9108"'
 
 
-#: Every section and key of the SPEC section 7 schema.
+#: Every section and key of the config schema (docs/DESIGN.md section 7, config.example.toml).
 SPEC_KEYS: dict[str, tuple[str, ...]] = {
     "server": ("workers", "drain_timeout"),
     "upstream": ("url", "connect_timeout", "read_timeout", "pool_size"),
@@ -776,7 +776,7 @@ def test_example_documents_every_spec_key(section: str) -> None:
     assert not missing, f"[{section}] lacks {sorted(missing)} in config.example.toml"
 
 
-# -- [acme] (SPEC section 8) ----------------------------------------------------------------
+# -- [acme] (docs/DESIGN.md section 8) ---------------------------------------------------------
 
 PLAIN = '[[listeners]]\nname = "web"\nbind = "127.0.0.1:8080"\n'
 ACME_TLS = '[[listeners]]\nname = "tls"\nbind = "127.0.0.1:8443"\n[listeners.tls]\nacme = true\n'

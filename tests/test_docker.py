@@ -1,4 +1,4 @@
-"""The container (SPEC section 6). No Docker engine runs here, so these tests
+"""The container (docs/DESIGN.md section 6). No Docker engine runs here, so these tests
 read the Dockerfile and the compose example, then run what the image runs:
 the ENTRYPOINT + CMD and the HEALTHCHECK command as the Dockerfile spells
 them, on this checkout, with only the config path, ports and certificates

@@ -1,4 +1,4 @@
-"""Forwarding over real sockets (SPEC sections 2, 3 and 5).
+"""Forwarding over real sockets (docs/DESIGN.md sections 2, 3 and 5).
 
 A real gate runs in the test's event loop on loopback, in front of the
 recording upstream of ``support/recorder.py``; requests are written byte for

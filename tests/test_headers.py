@@ -1,4 +1,4 @@
-"""Header rules in both directions (SPEC section 3), as tables: no sockets.
+"""Header rules in both directions (docs/DESIGN.md section 3), as tables: no sockets.
 
 Headers are raw ``(name, value)`` byte pairs as the parser saw them; what
 passes must keep its name spelling, value, order and duplicates.
@@ -18,7 +18,7 @@ from palpo_gate.headers import (
 
 H = list[tuple[bytes, bytes]]
 
-#: SPEC section 3, spelled as a client would send them.
+#: docs/DESIGN.md section 3, spelled as a client would send them.
 HOP_BY_HOP = [
     b"Connection", b"Keep-Alive", b"Proxy-Connection", b"TE", b"Trailer",
     b"Transfer-Encoding", b"Upgrade", b"Proxy-Authorization", b"Proxy-Authenticate",

@@ -1,4 +1,4 @@
-"""Limits over real sockets (SPEC sections 2 and 5): strict framing, head sizes,
+"""Limits over real sockets (docs/DESIGN.md sections 2 and 5): strict framing, head sizes,
 slowloris and idle timeouts, the body-size limit, Host checks, and the requests
 the gate answers itself (CONNECT, ``OPTIONS *``, the admin block).
 
@@ -23,7 +23,7 @@ CORS = {
     "access-control-allow-methods": "GET, POST, PUT, DELETE, OPTIONS",
 }
 
-# -- strict framing (SPEC section 5, RFC 9112 sections 6.3 and 11.2) -----------------
+# -- strict framing (docs/DESIGN.md section 5, RFC 9112 sections 6.3 and 11.2) -----------------
 
 _POST = (b"POST /_matrix/client/v3/rooms/!r:x/send/m.room.message/t1 HTTP/1.1\r\n"
          b"Host: matrix.test\r\n")
@@ -43,7 +43,7 @@ FRAMING_CASES: dict[str, bytes] = {
     "cl-list": _POST + b"Content-Length: 5, 5\r\n\r\nhello",
     "cl-plus": _POST + b"Content-Length: +5\r\n\r\nhello",
     "cl-negative": _POST + b"Content-Length: -1\r\n\r\n" + _SMUGGLED,
-    # aiohttp's parser accepts this one (AIOHTTP-FACTS section 3): the gate must refuse it.
+    # aiohttp's parser accepts this one (docs/DESIGN.md section 11): the gate must refuse it.
     "te-gzip-chunked": _POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n"
                        b"5\r\nhello\r\n0\r\n\r\n",
     "te-identity": _POST + b"Transfer-Encoding: identity\r\n\r\nhello",

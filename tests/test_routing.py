@@ -1,4 +1,4 @@
-"""Routing decisions (SPEC section 2), as tables: no sockets.
+"""Routing decisions (docs/DESIGN.md section 2), as tables: no sockets.
 
 The decision is made on a normalised copy of the path; these tests check the
 decision only. That the raw target is then forwarded byte for byte is checked
@@ -199,7 +199,7 @@ def test_no_blocked_prefixes_forwards_admin_paths_under_a_forward_prefix() -> No
     assert _decide(router, "/_palpo/admin/users") == "forward"
 
 
-# -- Decision.matrix: which errors get Matrix JSON and CORS (SPEC section 5) ----------
+# -- Decision.matrix: which errors get Matrix JSON and CORS (docs/DESIGN.md section 5) ----------
 
 MATRIX_TABLE = [
     ("/_matrix", True),

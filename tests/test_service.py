@@ -1,4 +1,4 @@
-"""The gate as operators run it (SPEC sections 1 and 6): a real
+"""The gate as operators run it (docs/DESIGN.md sections 1 and 6): a real
 ``python -m palpo_gate --config FILE`` process, driven by signals and
 watched the way an operator (or systemd) sees it — from outside.
 
@@ -597,7 +597,7 @@ def test_sigterm_cuts_what_outlasts_the_drain_timeout(tmp_path: pathlib.Path) ->
         gp, result, rc, took = _sigterm_with_a_held_long_poll(up, tmp_path, "1s", 10)
         print(f"drain_timeout 1s: exit {rc} {took:.2f}s after SIGTERM")
         assert rc == 0, _stderr(gp)
-        # drain_timeout is the whole drain (SPEC section 6: "drain for [10 s], then
+        # drain_timeout is the whole drain (docs/DESIGN.md section 6: "drain for [10 s], then
         # close"), not a time per phase of it.
         assert 0.8 <= took < 1.7, f"exit {took:.2f}s after SIGTERM with drain_timeout = 1s"
         # The held request was cut, not answered with the upstream's body.

@@ -1,4 +1,4 @@
-"""Bodies stream through the gate in both directions (SPEC sections 3 and 5).
+"""Bodies stream through the gate in both directions (docs/DESIGN.md sections 3 and 5).
 
 Real gate in the test's event loop, real recording upstream, raw client, all
 on loopback. The gate runs in this process, so its memory is this process's

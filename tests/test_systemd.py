@@ -1,6 +1,6 @@
 """palpo_gate.systemd against real sockets and real processes, and the unit
 files in contrib/systemd against systemd's own parser and the hardening the
-gate promises (SPEC section 6)."""
+gate promises (docs/DESIGN.md section 6)."""
 
 from __future__ import annotations
 

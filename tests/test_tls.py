@@ -1,4 +1,4 @@
-"""TLS listeners over real sockets (SPEC section 1): certificates by SNI, strict
+"""TLS listeners over real sockets (docs/DESIGN.md section 1): certificates by SNI, strict
 SNI, TLS 1.2 minimum, ALPN ``http/1.1`` only, X-Forwarded-Proto, and the
 config errors an operator sees for a certificate that cannot be used.
 
@@ -344,7 +344,7 @@ def test_check_reports_sni_key_not_matching(tls_files: dict[str, str],
 
 def test_check_reports_every_bad_certificate_at_once(tls_files: dict[str, str],
                                                      tmp_path: pathlib.Path) -> None:
-    """SPEC section 5: all errors at once. A mismatched SNI pair on one listener and
+    """docs/DESIGN.md section 5: all errors at once. A mismatched SNI pair on one listener and
     a missing certificate file on another are both reported by one `check`."""
     toml = gate_toml("http://127.0.0.1:8008", listener=_sni_key_mismatch(tls_files)) + f"""
 [[listeners]]

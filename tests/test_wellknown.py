@@ -1,5 +1,5 @@
-"""Delegation documents and CORS (SPEC section 4) and the error funnel's bodies
-(SPEC section 5), as tables: no sockets."""
+"""Delegation documents and CORS (docs/DESIGN.md section 4) and the error funnel's bodies
+(docs/DESIGN.md section 5), as tables: no sockets."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ BUILD_TABLE: list[tuple[str, WellKnown, object, object]] = [
         {"m.homeserver": {"base_url": BASE}},
     ),
     (
-        "both, as in the seed's HAProxy delegation example",
+        "both, as in the Matrix spec's recommended values",
         WellKnown(server=SERVER, client=BASE, identity_server=IDENTITY),
         {"m.server": SERVER},
         {"m.homeserver": {"base_url": BASE}, "m.identity_server": {"base_url": IDENTITY}},
@@ -108,8 +108,8 @@ client = "{BASE}"
     json.loads(docs.client)
 
 
-def test_cors_headers_are_the_seeds() -> None:
-    # SPEC section 4: the CORS headers of the seed's HAProxy delegation example.
+def test_cors_headers_are_the_recommended_ones() -> None:
+    # docs/DESIGN.md section 4: the CORS headers of the Matrix spec's recommended values.
     assert dict(wellknown.CORS_HEADERS) == {
         "Access-Control-Allow-Origin": "*",
         "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",

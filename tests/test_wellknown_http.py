@@ -1,6 +1,6 @@
-"""Delegation over real sockets (SPEC sections 2 and 4): with ``[well_known]`` the
+"""Delegation over real sockets (docs/DESIGN.md sections 2 and 4): with ``[well_known]`` the
 gate answers ``/.well-known/matrix/server`` and ``/client`` itself, with the
-CORS headers of the seed's HAProxy example, on every listener; without it the
+CORS headers of the Matrix spec's recommended values, on every listener; without it the
 same paths are forwarded to Palpo byte for byte.
 """
 
@@ -54,7 +54,7 @@ async def gate_with(extra: str) -> AsyncIterator[tuple[Recorder, Gate]]:
 
 
 def assert_cors(resp: Resp) -> None:
-    """The CORS headers of the seed's HAProxy example (SPEC section 4)."""
+    """The CORS headers of the Matrix spec's recommended values (docs/DESIGN.md section 4)."""
     assert resp.header("access-control-allow-origin") == "*"
     assert resp.header("access-control-allow-methods") == "GET, POST, PUT, DELETE, OPTIONS"
     allowed = {h.strip().lower()

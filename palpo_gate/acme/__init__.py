@@ -1,4 +1,4 @@
-"""Automatic HTTPS: certificates obtained and renewed by the gate (SPEC section 8).
+"""Automatic HTTPS: certificates obtained and renewed by the gate (docs/DESIGN.md section 8).
 
 With ``[acme]`` set and ``acme = true`` in a listener's TLS block, the gate
 orders one certificate for ``acme.domains`` from the ACME directory (RFC
