@@ -37,7 +37,7 @@ from . import metrics as metricsmod
 from . import prelude as preludemod
 from .accesslog import RefusedRequest, escape, redact_target
 from .config import Bind, Config, ConfigError
-from .errors import error_body
+from .errors import error_body, refusal
 from .headers import new_request_id
 from .proxy import ListenerHandler
 from .routing import _is_matrix
@@ -231,10 +231,9 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
             else:
                 version = msg.version
                 if version is not HttpVersion11 and version is not HttpVersion10:
-                    exc = _Refused(505, "HTTP version not supported", "version_not_supported",
-                                   msg)
+                    exc = _Refused(*refusal("version_not_supported"), msg)
                 elif over and _head_size(msg) > self._max_head:
-                    exc = _Refused(431, "request head too large", "head_too_large", msg)
+                    exc = _Refused(*refusal("head_too_large"), msg)
                 else:
                     continue
                 messages[i] = (compat.ErrInfo(status=exc.status, exc=exc, message=exc.reason),
@@ -258,7 +257,7 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
 
     def _refuse_incomplete_head(self, data: bytes, start: int) -> None:
         self._refused_line = self._line_of(data, start)
-        exc = _Refused(431, "request head too large", "head_too_large")
+        exc = _Refused(*refusal("head_too_large"))
         self.messages.append(
             (compat.ErrInfo(status=431, exc=exc, message=exc.reason), EMPTY_PAYLOAD))
         self._refused = True
@@ -295,15 +294,14 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         elif status == 400 and isinstance(exc, http_exceptions.HttpProcessingError):
             line = self._refused_line
             if isinstance(exc, http_exceptions.LineTooLong):
-                status = 414 if exc.args[1] == MAX_LINE_SIZE else 431
-                reason = "request line too long" if status == 414 else "header field too long"
-                word = "uri_too_long" if status == 414 else "header_too_large"
+                kind = "uri_too_long" if exc.args[1] == MAX_LINE_SIZE else "header_too_large"
             elif _TOO_MANY_HEADERS in str(exc):
-                status, reason, word = 431, "too many header fields", "header_too_large"
+                kind = "too_many_headers"
             elif line is not None and line.startswith(_H2_PREFACE):
-                reason, word = "HTTP/2 is not served here", "http2_preface"
+                kind = "http2_preface"
             else:
-                reason, word = "malformed request", "bad_request"
+                kind = "bad_request"
+            status, reason, word = refusal(kind)
             seen = RefusedRequest.from_line(line)
             detail = _parser_reason(exc)
         else:

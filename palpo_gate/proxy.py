@@ -29,7 +29,7 @@ from aiohttp import web
 from . import clients, spool, wellknown
 from . import headers as hdr
 from .accesslog import AccessLog
-from .config import UNIX_PEER, Config, Listener
+from .config import UNIX_PEER, Config, Listener, join_host_port
 from .errors import (
     LOCAL_ANSWERS,
     MISDIRECTED,
@@ -128,9 +128,7 @@ class ListenerHandler:
         """Record the address the listener socket really got (port 0 → a real port)."""
         if isinstance(sockname, tuple) and len(sockname) >= 2:
             self.port = int(sockname[1])
-            host = str(sockname[0])
-            host = f"[{host}]" if ":" in host else host
-            self.fallback_host = f"{host}:{self.port}".encode()
+            self.fallback_host = join_host_port(str(sockname[0]), self.port).encode()
 
     # -- dispatch ---------------------------------------------------------------
 
