@@ -99,17 +99,8 @@ async def test_hooks_run_over_a_real_connection() -> None:
             return compat.RequestHandler(self, loop=self.loop, **self.protocol_kwargs)
 
     srv = Srv(handler)
-    loop = asyncio.get_running_loop()
-    listener = await loop.create_server(srv, "127.0.0.1", 0)
-    try:
-        port = listener.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        response = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-    finally:
-        listener.close()
-        await srv.shutdown(1)
+    response = await _one_request(srv,
+                                  b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert b"X-Hooked: 1" in response
     assert seen == {"hook": seen["hook"], "type": "Req", "busy": True, "current": True,
                     "count": 1, "task": True, "messages": True, "server": True}
@@ -137,17 +128,22 @@ async def test_stream_response_claim_and_finish() -> None:
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return Resp()
 
-    srv = web.Server(handler)
-    loop = asyncio.get_running_loop()
-    listener = await loop.create_server(srv, "127.0.0.1", 0)
+    response = await _one_request(web.Server(handler), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response.endswith(b"\r\n\r\nok")
+    assert written == {"first": True, "again": True, "length": 2, "keep_alive": False}
+
+
+async def _one_request(srv: web.Server, request: bytes) -> bytes:
+    """Serve *srv* on loopback, send *request* over a real socket, and return
+    everything the server wrote until it closed the connection."""
+    listener = await asyncio.get_running_loop().create_server(srv, "127.0.0.1", 0)
     try:
         port = listener.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(request)
         response = await asyncio.wait_for(reader.read(), 10)
         writer.close()
     finally:
         listener.close()
         await srv.shutdown(1)
-    assert response.endswith(b"\r\n\r\nok")
-    assert written == {"first": True, "again": True, "length": 2, "keep_alive": False}
+    return response

@@ -813,6 +813,14 @@ def test_acme_values_parse(tmp_path: pathlib.Path, pem: dict[str, str]) -> None:
     _round_trip(cfg)
 
 
+def _domains(listed: str) -> str:
+    """An [acme] section whose domains are *listed*."""
+    return PLAIN + ACME_TLS + "[acme]\ndomains = [" + listed + "]\nstate_dir = '{tmp}'\n"
+
+
+#: A valid [acme] section for a.example; a bad key is added after it.
+ACME_A = _domains("'a.example'")
+
 BAD_ACME = [
     ("acme = true without [acme]", PLAIN + ACME_TLS, "listeners[1].tls.acme",
      "there is no [acme] section"),
@@ -820,44 +828,29 @@ BAD_ACME = [
      "required"),
     ("empty domains", PLAIN + ACME_TLS + "[acme]\ndomains = []\nstate_dir = '{tmp}'\n",
      "acme.domains", "at least one DNS name"),
-    ("domain not a DNS name", PLAIN + ACME_TLS + "[acme]\ndomains = ['matrix example']\n"
-     "state_dir = '{tmp}'\n", "acme.domains[0]", "not a DNS name"),
-    ("domain with a port", PLAIN + ACME_TLS + "[acme]\ndomains = ['example.com:443']\n"
-     "state_dir = '{tmp}'\n", "acme.domains[0]", "not a DNS name"),
-    ("single-label domain", PLAIN + ACME_TLS + "[acme]\ndomains = ['localhost']\n"
-     "state_dir = '{tmp}'\n", "acme.domains[0]", "not a DNS name"),
-    ("wildcard domain", PLAIN + ACME_TLS + "[acme]\ndomains = ['*.example.com']\n"
-     "state_dir = '{tmp}'\n", "acme.domains[0]", "dns-01"),
-    ("IP address domain", PLAIN + ACME_TLS + "[acme]\ndomains = ['192.0.2.1']\n"
-     "state_dir = '{tmp}'\n", "acme.domains[0]", "IP address"),
-    ("domain twice", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example', 'A.example.']\n"
-     "state_dir = '{tmp}'\n", "acme.domains[1]", "listed twice"),
-    ("plain http directory", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\ndirectory = 'http://ca.example/dir'\n", "acme.directory",
+    ("domain not a DNS name", _domains("'matrix example'"), "acme.domains[0]", "not a DNS name"),
+    ("domain with a port", _domains("'example.com:443'"), "acme.domains[0]", "not a DNS name"),
+    ("single-label domain", _domains("'localhost'"), "acme.domains[0]", "not a DNS name"),
+    ("wildcard domain", _domains("'*.example.com'"), "acme.domains[0]", "dns-01"),
+    ("IP address domain", _domains("'192.0.2.1'"), "acme.domains[0]", "IP address"),
+    ("domain twice", _domains("'a.example', 'A.example.'"), "acme.domains[1]", "listed twice"),
+    ("plain http directory", ACME_A + "directory = 'http://ca.example/dir'\n", "acme.directory",
      "https://"),
-    ("directory not a URL", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\ndirectory = 'letsencrypt'\n", "acme.directory", "https://"),
-    ("directory with a bad port", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\ndirectory = 'https://ca.example:99999/dir'\n", "acme.directory",
-     "https://"),
+    ("directory not a URL", ACME_A + "directory = 'letsencrypt'\n", "acme.directory", "https://"),
+    ("directory with a bad port", ACME_A + "directory = 'https://ca.example:99999/dir'\n",
+     "acme.directory", "https://"),
     ("state_dir under a file", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
      "state_dir = '{file}/acme'\n", "acme.state_dir", "is not a directory"),
     ("state_dir relative", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
      "state_dir = 'acme'\n", "acme.state_dir", "absolute"),
-    ("ca_bundle missing", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\nca_bundle = '{tmp}/none.pem'\n", "acme.ca_bundle", "not found"),
-    ("ca_bundle not PEM", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\nca_bundle = '{file}'\n", "acme.ca_bundle", "not a PEM bundle"),
-    ("challenge dns-01", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\nchallenge = 'dns-01'\n", "acme.challenge", "'http-01'"),
+    ("ca_bundle missing", ACME_A + "ca_bundle = '{tmp}/none.pem'\n", "acme.ca_bundle", "not found"),
+    ("ca_bundle not PEM", ACME_A + "ca_bundle = '{file}'\n", "acme.ca_bundle", "not a PEM bundle"),
+    ("challenge dns-01", ACME_A + "challenge = 'dns-01'\n", "acme.challenge", "'http-01'"),
     ("http-01 without a plain listener", ACME_TLS + "[acme]\ndomains = ['a.example']\n"
      "state_dir = '{tmp}'\n", "acme.challenge", "plain-HTTP listener"),
-    ("bad renew_before", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\nrenew_before = 'a month'\n", "acme.renew_before", '"30d"'),
-    ("bad email", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\nemail = 'admin'\n", "acme.email", "e-mail address"),
-    ("unknown key", PLAIN + ACME_TLS + "[acme]\ndomains = ['a.example']\n"
-     "state_dir = '{tmp}'\nrenew_befor = '30d'\n", "acme.renew_befor", "renew_before"),
+    ("bad renew_before", ACME_A + "renew_before = 'a month'\n", "acme.renew_before", '"30d"'),
+    ("bad email", ACME_A + "email = 'admin'\n", "acme.email", "e-mail address"),
+    ("unknown key", ACME_A + "renew_befor = '30d'\n", "acme.renew_befor", "renew_before"),
     ("[acme] but no listener uses it", PLAIN + "[acme]\ndomains = ['a.example']\n"
      "state_dir = '{tmp}'\n", "acme", "no listener has tls.acme = true"),
     ("cert without key", PLAIN + ACME_TLS + "cert = '{file}'\n[acme]\ndomains = ['a.example']"
