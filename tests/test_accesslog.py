@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from support.gate import gate_toml, run_gate
 from support.net import free_port
+from support.pipes import os_pipe
 from support.recorder import Recorder, recorder
 from test_metrics import parse, values
 
@@ -250,17 +251,6 @@ def test_timestamps_are_formatted_once_a_second() -> None:
     clock.tick()
     if clock._second == second:  # within the same second: not formatted again
         assert clock.plain is first
-
-
-@contextlib.contextmanager
-def os_pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    try:
-        yield r, w
-    finally:
-        for fd in (r, w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def test_write_goes_to_the_descriptor_one_line_each() -> None:

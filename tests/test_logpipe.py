@@ -9,7 +9,6 @@ reading, and with fewer file descriptors than connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import http.client
 import logging
@@ -21,11 +20,11 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from support.gate import gate_toml, run_gate
 from support.net import free_port
+from support.pipes import os_pipe
 from support.upstream_thread import threaded_upstream
 from test_metrics import parse, values
 
@@ -38,17 +37,6 @@ F_GETPIPE_SZ = 1032
 def line(i: int, size: int = 100, tag: bytes = b"") -> bytes:
     head = tag + b"%07d " % i
     return head + b"x" * (size - len(head) - 1) + b"\n"
-
-
-@contextlib.contextmanager
-def os_pipe() -> Iterator[tuple[int, int]]:
-    r, w = os.pipe()
-    try:
-        yield r, w
-    finally:
-        for fd in (r, w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 async def read_lines(fd: int, count: int, *, timeout: float = 20.0, chunk: int = 65536,
