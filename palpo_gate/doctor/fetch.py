@@ -273,13 +273,7 @@ async def _well_known_remotely(facts: Facts, client: _Client, dns_: _Dns,
     host, port = discovery.split_host_port(facts.server_name)
     if port is not None or discovery.is_ip(host):
         return None, None  # such names are not delegated (Matrix spec, steps 1-2)
-    got: Any = None
-    for _ in range(4):
-        got = discovery.addresses(host, WELL_KNOWN_PORT, facts.dns)
-        if not isinstance(got, discovery.Need):
-            break
-        facts.dns[(got.qname, got.qtype)] = await dns_.lookup(got.qname, got.qtype)
-    for address, p in (got[0] if isinstance(got, tuple) else ())[:4]:
+    for address, p in (await _addresses(facts, dns_, host, WELL_KNOWN_PORT))[:4]:
         base = _base("https", address, p)
         server = await client.get(base, "/.well-known/matrix/server", host=host, sni=host,
                                   verify=remote)
@@ -331,6 +325,18 @@ async def _gather(facts: Facts, client: _Client, resolver: tuple[str, int] | Non
     # Through the gate's own listeners: the admin API, the federation target.
     await _admin(facts, client, reachable)
     await _targets_through(facts, client, reachable)
+
+
+async def _addresses(facts: Facts, dns_: _Dns, host: str, port: int) -> list[Any]:
+    """(address, port) pairs of *host*, asking DNS for what discovery still
+    needs (A, then AAAA); the answers are kept in *facts* for the checks."""
+    got: Any = None
+    for _ in range(4):
+        got = discovery.addresses(host, port, facts.dns)
+        if not isinstance(got, discovery.Need):
+            break
+        facts.dns[(got.qname, got.qtype)] = await dns_.lookup(got.qname, got.qtype)
+    return list(got[0]) if isinstance(got, tuple) else []
 
 
 async def _upstream_directly(facts: Facts, client: _Client) -> Http:
@@ -432,15 +438,10 @@ async def _client_base(facts: Facts, client: _Client, dns_: _Dns, remote: Any) -
     if client_base is None:
         return
     scheme, host, port, path = checks.base_url_parts(client_base)
-    got: Any = None
-    for _ in range(4):
-        got = discovery.addresses(host, port, facts.dns)
-        if not isinstance(got, discovery.Need):
-            break
-        facts.dns[(got.qname, got.qtype)] = await dns_.lookup(got.qname, got.qtype)
+    found = await _addresses(facts, dns_, host, port)
     default = 443 if scheme == "https" else 80
     host_header = host if port == default else discovery.join_host_port(host, port)
-    for address, p in (got[0] if isinstance(got, tuple) else ())[:8]:
+    for address, p in found[:8]:
         http = await client.get(_base(scheme, address, p),
                                 path + checks.PROBES["versions"], host=host_header,
                                 sni=host, verify=remote if scheme == "https" else None)
