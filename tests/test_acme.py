@@ -411,6 +411,23 @@ async def test_ca_down_at_renewal_keeps_the_old_certificate(tmp_path: pathlib.Pa
 
 
 @contextlib.asynccontextmanager
+async def serve_https(app: web.Application) -> AsyncIterator[tuple[int, trustme.CA]]:
+    """*app* over HTTPS on a loopback port, with a certificate for 127.0.0.1
+    from a CA of its own: (port, CA)."""
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+        await site.start()
+        yield runner.addresses[0][1], ca
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def refusing_ca(tmp_path: pathlib.Path, retry_after: str) -> AsyncIterator[tuple[str,
                                                                                         str]]:
     """An HTTPS server whose ACME directory answers 429 with Retry-After, as a
@@ -422,21 +439,11 @@ async def refusing_ca(tmp_path: pathlib.Path, retry_after: str) -> AsyncIterator
             status=429, content_type="application/problem+json",
             headers={"Retry-After": retry_after})
 
-    ca = trustme.CA()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     app = web.Application()
     app.router.add_get("/dir", directory)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serve_https(app) as (port, ca):
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
         yield f"https://127.0.0.1:{port}/dir", str(tmp_path / "ca.pem")
-    finally:
-        await runner.cleanup()
 
 
 async def test_retry_after_is_respected(pebble: Pebble, tmp_path: pathlib.Path) -> None:
@@ -495,22 +502,12 @@ async def with_renewal_info(pebble: Pebble, tmp_path: pathlib.Path,
             seconds=1)).isoformat()}
         return web.json_response({"suggestedWindow": window}, headers={"Retry-After": "3600"})
 
-    ca = trustme.CA()
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    bundle = _bundle(tmp_path / "bundle.pem", ca.cert_pem.bytes(), pebble.ca_bundle)
     app = web.Application()
     app.router.add_get("/dir", directory)
     app.router.add_get("/renewal-info/{id}", renewal_info)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serve_https(app) as (port, ca):
+        bundle = _bundle(tmp_path / "bundle.pem", ca.cert_pem.bytes(), pebble.ca_bundle)
         yield f"https://127.0.0.1:{port}/dir", str(bundle), seen
-    finally:
-        await runner.cleanup()
 
 
 async def test_renewal_information_decides_when(pebble: Pebble, tmp_path: pathlib.Path) -> None:
