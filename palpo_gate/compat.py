@@ -7,18 +7,18 @@ responses are written as bytes. Each such reach is a name below, with the
 aiohttp source it relies on; nothing else in the package touches a private
 aiohttp attribute. ``pyproject.toml`` pins aiohttp to 3.14.x, and
 ``tests/test_compat.py`` fails, naming the attribute, when an upgrade moves
-one. Hot-path reads are plain attribute reads in methods of the subclasses
-here, so that a name costs no more than the attribute itself.
+one. Hot-path names cost no more than the private attribute itself: the
+connection handler's are aiohttp's own slot descriptors under public names,
+and the forwarded response sets the few fields aiohttp's ``__init__`` would.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any
 
-from aiohttp import web, web_protocol
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp import base_protocol, web, web_protocol
+from multidict import CIMultiDict
 
 #: aiohttp 3.14 ``web_protocol._ErrInfo(status, exc, message)``: what the
 #: request parser queues in place of a message it refused; the connection
@@ -30,95 +30,66 @@ ErrInfo = web_protocol._ErrInfo
 C_PARSER = web_protocol.HttpRequestParser.__module__ == "aiohttp._http_parser"
 
 
-_data_received = web_protocol.RequestHandler.data_received
+#: aiohttp's ``RequestHandler.data_received`` (public protocol API: it
+#: parses what came and queues the messages): a plain function, so that the
+#: gate's override calls it without a ``super()`` lookup on every read.
+aiohttp_data_received = web_protocol.RequestHandler.data_received
+
+_Handler = web_protocol.RequestHandler
+_Base = base_protocol.BaseProtocol
 
 
 class RequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler (``web_protocol.RequestHandler``, one per
     client connection) with the internals the gate reads named.
 
-    aiohttp 3.14 keeps, per connection: ``_messages`` (a deque of parsed
-    ``(message, payload)`` pairs not yet handled), ``_request_count``
-    (heads parsed so far, refusals included), ``_request_in_progress``,
-    ``_current_request``, ``_keepalive_handle`` (the idle timer),
-    ``_message_tail`` (bytes after an upgrade), ``_upgraded``, ``_waiter``
-    (what the connection loop awaits between requests), ``_manager`` (the
-    ``web.Server``) and, from ``base_protocol.BaseProtocol``,
-    ``_reading_paused`` / ``_buffer_paused``.
+    aiohttp 3.14 keeps its per-connection state in ``__slots__``. Each name
+    below is a class attribute that *is* aiohttp's slot descriptor: reading
+    or writing it reads or writes aiohttp's slot, at the cost of the private
+    name itself (no call), which matters on every read of every connection.
+    ``tests/test_compat.py`` checks they are slot descriptors still.
     """
 
     __slots__ = ()
 
-    @property
-    def messages(self) -> deque[Any]:
-        """Parsed (message, payload) pairs waiting for the handler; the queue
-        itself, so that a refusal can replace or drop entries."""
-        return self._messages
-
-    @property
-    def request_count(self) -> int:
-        """Heads parsed on this connection so far (refusals included)."""
-        return self._request_count
-
-    @property
-    def current_request(self) -> web.BaseRequest | None:
-        """The request being handled, if any."""
-        return self._current_request
-
-    @property
-    def upgraded(self) -> bool:
-        """The parser saw ``Upgrade`` / CONNECT and stopped parsing."""
-        return self._upgraded
-
-    def feed(self, data: bytes) -> tuple[bool, int]:
-        """aiohttp's ``data_received(data)``; then whether bytes read may wait
-        in aiohttp unparsed (reading paused, or the parser stopped at an
-        upgrade), and how many heads were parsed so far. One call per read:
-        this runs on every request."""
-        _data_received(self, data)
-        return (self._reading_paused or self._buffer_paused or self._upgraded,
-                self._request_count)
+    #: parsed ``(message, payload)`` pairs not yet handled (a deque); a
+    #: refusal replaces or drops entries
+    messages = _Handler._messages
+    #: heads parsed on this connection so far, refusals included
+    request_count = _Handler._request_count
+    #: a request is being handled
+    request_in_progress = _Handler._request_in_progress
+    #: the request being handled, if any
+    current_request = _Handler._current_request
+    #: the idle keep-alive timer (a TimerHandle or None); aiohttp arms it
+    #: after a response when none is armed, and drops it when it fires
+    #: while a request is in progress
+    keepalive_handle = _Handler._keepalive_handle
+    #: bytes aiohttp kept after an upgrade request
+    message_tail = _Handler._message_tail
+    #: what the connection loop awaits between requests
+    waiter = _Handler._waiter
+    #: the ``web.Server`` that made this connection (None once lost)
+    server = _Handler._manager
+    #: the task running the connection's request loop
+    task_handler = _Handler._task_handler
+    #: from ``base_protocol.BaseProtocol``: the parser stopped at an Upgrade /
+    #: CONNECT request; reading paused (flow control, or too many queued
+    #: messages); the event loop
+    upgraded = _Base._upgraded
+    reading_paused = _Base._reading_paused
+    buffer_paused = _Base._buffer_paused
+    loop = _Base._loop
 
     def busy(self) -> bool:
         """A request is being handled or waits to be."""
-        return self._request_in_progress or bool(self._messages)
-
-    def hold_while_busy(self) -> int:
-        """After a read: 0 when no request is handled or queued; else the idle
-        keep-alive timer is stopped (aiohttp arms it again after the
-        response, and a held long-poll need not keep a timer meanwhile) and
-        the answer is 1, or 2 when a message is queued behind the request
-        being handled (a parse error in its body, say)."""
-        if self._request_in_progress:
-            state = 2 if self._messages else 1
-        elif self._messages:
-            state = 1
-        else:
-            return 0
-        handle = self._keepalive_handle
-        if handle is not None:
-            handle.cancel()
-            self._keepalive_handle = None
-        return state
-
-    def drop_message_tail(self) -> None:
-        """Forget the bytes aiohttp kept after an upgrade request."""
-        self._message_tail = b""
+        return self.request_in_progress or bool(self.messages)
 
     def wake(self) -> None:
         """Wake the connection loop waiting for the next message."""
-        waiter = self._waiter
+        waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    @property
-    def server(self) -> Any:
-        """The ``web.Server`` that made this connection (None once lost)."""
-        return self._manager
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
 
 
 def handler_task(conn: web_protocol.RequestHandler) -> asyncio.Task[None] | None:
@@ -171,31 +142,19 @@ class Request(web.BaseRequest):
 
 
 class StreamResponse(web.StreamResponse):
-    """A response that writes its own bytes to the client's transport.
+    """A ``StreamResponse`` set up with less than aiohttp's ``__init__`` does.
 
-    aiohttp 3.14 ``StreamResponse`` is prepared once ``_payload_writer`` is
-    set (taken from ``request._payload_writer``) and done once ``_eof_sent``;
-    its connection loop reads ``keep_alive`` (``_keep_alive``) and
-    ``body_length`` (``_body_length``) after the handler returned.
+    aiohttp 3.14 ``StreamResponse.__init__`` keeps its state in ``_state``
+    (the response's own mapping), ``_headers`` (a ``CIMultiDict``),
+    ``_status`` and ``_reason``; everything else has a class default. A
+    response that frames itself (:mod:`response`) needs only those, set
+    directly, on every forwarded request.
     """
 
-    __slots__ = ()
-
-    def claim_writer(self, request: web.BaseRequest,
-                     keep_alive: bool) -> AbstractStreamWriter | None:
-        """Start this response on *request* with the keep-alive decision
-        aiohttp's connection loop acts on: the payload writer, or None when
-        the response was started or finished already."""
-        if self._eof_sent or self._payload_writer is not None:
-            return None
-        self._req = request
-        self._keep_alive = keep_alive
-        writer = self._payload_writer = request._payload_writer
-        return writer
-
-    def mark_finished(self, body_length: int) -> None:
-        """The whole response was written (as ``write_eof`` records it)."""
-        self._eof_sent = True
-        self._req = None
-        self._payload_writer = None
-        self._body_length = body_length
+    def __init__(self, status: int, reason: str = "") -> None:
+        # Not super().__init__(): its keyword handling and reason look-up run
+        # on every request, for headers this response never uses.
+        self._state = {}
+        self._headers = CIMultiDict()
+        self._status = status
+        self._reason = reason

@@ -48,6 +48,7 @@ log = logging.getLogger("palpo_gate")
 #: aiohttp's C (llhttp) parser rejects smuggling vectors the pure-Python parser
 #: has let through (several CVEs); the gate refuses to run without it.
 C_PARSER = compat.C_PARSER
+_aiohttp_data_received = compat.aiohttp_data_received
 
 
 MAX_LINE_SIZE = 8190  # request line (aiohttp's default)
@@ -153,11 +154,11 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         if self._refused:
             return
         start = self._rx
-        holding, count = self.feed(data)  # aiohttp's data_received
+        _aiohttp_data_received(self, data)
         rx = self._rx = start + len(data)
         clean_before = self._clean
-        clean = self._clean = not holding
-        new = count - self._seen
+        clean = self._clean = not (self.reading_paused or self.buffer_paused or self.upgraded)
+        new = self.request_count - self._seen
         if new:
             self._seen += new
             msg, payload = self.messages[-1]
@@ -195,10 +196,17 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
                 self._mark = rx
         if not clean and self.upgraded:
             self._last_request()
-        busy = self.hold_while_busy()
-        if busy:
-            if busy == 2:
+        if self.request_in_progress or self.messages:
+            if self.request_in_progress and self.messages:
+                # A message queued behind the request being handled: a parse
+                # error in its body, say.
                 self._fail_body_on_parse_error()
+            handle = self.keepalive_handle
+            if handle is not None:
+                # aiohttp arms it again after the response; a held long-poll
+                # need not keep a timer (~600 B) meanwhile.
+                handle.cancel()
+                self.keepalive_handle = None
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
@@ -210,7 +218,7 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         parse what follows only after the answer, outside these checks. The
         gate never switches protocols (Upgrade is not forwarded), so that
         request is the connection's last."""
-        self.drop_message_tail()
+        self.message_tail = b""
         self.close()
 
     # -- refusals ----------------------------------------------------------------------

@@ -308,14 +308,15 @@ class ListenerHandler:
                 conn = rec.conn = (pool.idle() if attempt == 0 else None) or await pool.connect()
                 conn.begin(head_only=method == "HEAD")
                 conn.write(head)
+                pump = None
                 if has_body:
-                    rec.pump = _BodyPump(request, conn, chunked, gen.limits.max_body_size,
-                                         gen.limits.body_timeout, read_timeout)
+                    pump = rec.pump = _BodyPump(request, conn, chunked,
+                                                gen.limits.max_body_size,
+                                                gen.limits.body_timeout, read_timeout)
                 try:
                     # No response deadline while the body is sent (_BodyPump.sending).
-                    while (fut := conn.wait_head(None if rec.pump is not None
-                                                 and rec.pump.sending else read_timeout)
-                           ) is not None:
+                    while (fut := conn.wait_head(None if pump is not None and pump.sending
+                                                 else read_timeout)) is not None:
                         await fut
                     break
                 except UpstreamBroken:
@@ -335,7 +336,7 @@ class ListenerHandler:
                     # stalled client costs one piece, not one per side.
                     conn.pause()
                     await _drain(out, gen.limits.body_timeout)
-            conn.finish(reusable=rec.pump is None or rec.pump.done())
+            conn.finish(reusable=pump is None or pump.done())
             rec.conn = None
             resp = out
         except GateError as exc:

@@ -8,9 +8,10 @@ the upstream's header bytes as they came (hop-by-hop ones removed by
 :mod:`headers`), decides the framing once (RFC 9112 section 6), and sends the
 head together with the first body bytes: a small response is one write.
 
-It stays a ``StreamResponse`` (:class:`compat.StreamResponse`, which names
-the aiohttp internals it sets) so aiohttp's connection loop can finish it and
-read its keep-alive decision as for any other response.
+It stays a ``StreamResponse`` (:class:`compat.StreamResponse`, set up
+without aiohttp's ``__init__``) so aiohttp's connection loop can finish it
+and read its keep-alive decision as for any other response: it answers
+``keep_alive``, ``prepared`` and ``body_length`` from its own fields.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ class ProxiedResponse(StreamResponse):
     # Its own fields in slots: they stay out of the instance dict aiohttp's
     # StreamResponse fills, which keeps every attribute access cheap.
     __slots__ = ("_block", "_chunked_out", "_client", "_drain_writer", "_finished", "_forced",
-                 "_length", "_no_body", "_pending", "_reason_bytes", "_sent", "_writer")
+                 "_keep", "_length", "_no_body", "_pending", "_reason_bytes", "_sent",
+                 "_writer")
 
     def __init__(self, status: int, reason: bytes, header_block: bytes,
                  length: int | None, no_body: bool) -> None:
-        super().__init__(status=status)
+        super().__init__(status)
+        self._keep = False  # keep-alive, as decided in start()
         self._reason_bytes = reason
         #: "Name: value\r\n" lines to send as they are
         self._block = header_block
@@ -58,6 +61,19 @@ class ProxiedResponse(StreamResponse):
         self._client: web.BaseRequest | None = None  # likewise, the request
         self._finished = False
         self._forced = False  # force_close() was called
+
+    @property
+    def keep_alive(self) -> bool:  # type: ignore[override]
+        """What aiohttp's connection loop acts on after the response."""
+        return self._keep
+
+    @property
+    def prepared(self) -> bool:
+        return self._writer is not None or self._finished
+
+    @property
+    def body_length(self) -> int:
+        return self._sent
 
     @property
     def started(self) -> bool:
@@ -92,10 +108,8 @@ class ProxiedResponse(StreamResponse):
         elif version < (1, 1):
             lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        writer = self.claim_writer(request, keep_alive)
-        if writer is None:
-            return  # started by aiohttp's own prepare()
-        self._writer = self._drain_writer = writer
+        self._keep = keep_alive
+        self._writer = self._drain_writer = request.writer
         self._client = request
         self._chunked_out = chunked
         transport = request.transport
@@ -106,6 +120,7 @@ class ProxiedResponse(StreamResponse):
     def force_close(self) -> None:
         super().force_close()
         self._forced = True
+        self._keep = False
 
     def send(self, data: bytes, last: bool = False) -> bool:
         """Frame and write *data* (and the end of the body if *last*).
@@ -128,7 +143,6 @@ class ProxiedResponse(StreamResponse):
         if last:
             self._finished = True
             self._client = self._writer = None
-            self.mark_finished(self._sent + len(data))
         if not data:
             return False
         transport = request.transport if request is not None else None

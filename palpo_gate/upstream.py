@@ -217,14 +217,19 @@ class Connection(asyncio.BufferedProtocol):
     def take(self) -> bytes:
         """The response body buffered so far (b"" if none); raises the
         exchange's error once nothing is left to hand out."""
-        self._disarm()
+        if self._timer_key:
+            self._disarm()
+        else:
+            self._waiter = None
         if self._read_paused and self.transport is not None:
             self._read_paused = False
             self.transport.resume_reading()
-        data = self.exchange.take()
-        if not data and self._exc is not None and not self.exchange.complete:
+        exchange = self.exchange
+        if exchange.body:
+            return exchange.take()
+        if self._exc is not None and not exchange.complete:
             raise self._exc
-        return data
+        return b""
 
     def pause(self) -> None:
         """Read nothing more until the next :meth:`take`: the client is behind,

@@ -20,8 +20,8 @@ from palpo_gate import compat
 HANDLER_ATTRS = ("_messages", "_request_count", "_request_in_progress", "_current_request",
                  "_keepalive_handle", "_message_tail", "_upgraded", "_waiter", "_manager",
                  "_loop", "_reading_paused", "_buffer_paused", "_task_handler")
-#: What compat.StreamResponse sets (aiohttp 3.14).
-RESPONSE_ATTRS = ("_eof_sent", "_payload_writer", "_keep_alive", "_body_length", "_req")
+#: What compat.StreamResponse sets in place of aiohttp's __init__ (aiohttp 3.14).
+RESPONSE_ATTRS = ("_state", "_headers", "_status", "_reason")
 
 
 async def _handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -35,6 +35,32 @@ async def test_request_handler_has(name: str) -> None:
     assert hasattr(conn, name), f"aiohttp's RequestHandler has no {name} any more"
 
 
+#: compat.RequestHandler's public names for aiohttp's slots.
+SLOT_ALIASES = {
+    "messages": "_messages", "request_count": "_request_count",
+    "request_in_progress": "_request_in_progress", "current_request": "_current_request",
+    "keepalive_handle": "_keepalive_handle", "message_tail": "_message_tail",
+    "waiter": "_waiter", "server": "_manager", "task_handler": "_task_handler",
+    "upgraded": "_upgraded", "reading_paused": "_reading_paused",
+    "buffer_paused": "_buffer_paused", "loop": "_loop",
+}
+
+
+@pytest.mark.parametrize("alias", sorted(SLOT_ALIASES))
+async def test_alias_reads_and_writes_aiohttps_slot(alias: str) -> None:
+    """Each alias is aiohttp's own slot descriptor: what the gate reads or
+    writes under it is what aiohttp reads or writes under its private name."""
+    name = SLOT_ALIASES[alias]
+    descriptor = inspect.getattr_static(compat.RequestHandler, alias)
+    assert type(descriptor).__name__ == "member_descriptor", \
+        f"aiohttp's {name} is no longer a slot"
+    assert descriptor is inspect.getattr_static(web_protocol.RequestHandler, name)
+    conn = compat.RequestHandler(web.Server(_handler), loop=asyncio.get_running_loop())
+    marker = object()
+    setattr(conn, alias, marker)
+    assert getattr(conn, name) is marker
+
+
 def test_request_handler_types() -> None:
     # The handler's own checks depend on these shapes, not only on the names.
     source = inspect.getsource(web_protocol.RequestHandler.__init__)
@@ -44,10 +70,18 @@ def test_request_handler_types() -> None:
     assert [f for f in ("status", "exc", "message") if not hasattr(compat.ErrInfo, f)] == []
 
 
-@pytest.mark.parametrize("name", RESPONSE_ATTRS)
-def test_stream_response_has(name: str) -> None:
-    assert hasattr(web.StreamResponse(), name), \
-        f"aiohttp's StreamResponse has no {name} any more"
+def test_stream_response_init_sets_what_aiohttps_does() -> None:
+    """compat.StreamResponse's light __init__ leaves the object as aiohttp's
+    own __init__ would: the same instance fields, usable as a response."""
+    plain = web.StreamResponse(status=204, reason="No Content")
+    light = compat.StreamResponse(204, "No Content")
+    assert sorted(vars(plain)) == sorted(vars(light)) == sorted(RESPONSE_ATTRS)
+    assert (light.status, light.reason, dict(light.headers), len(light), bool(light)) == \
+        (plain.status, plain.reason, dict(plain.headers), len(plain), bool(plain))
+    key = web.ResponseKey("key", int)
+    light[key] = 1
+    light.headers["X"] = "y"
+    assert light[key] == 1 and light.headers["x"] == "y"
 
 
 def test_server_and_request_hooks() -> None:
@@ -83,7 +117,7 @@ async def test_hooks_run_over_a_real_connection() -> None:
         conn = request.protocol
         assert isinstance(conn, compat.RequestHandler)
         seen["type"] = type(request).__name__
-        seen["busy"] = compat.is_busy(conn) and conn.busy() and conn.hold_while_busy() == 1
+        seen["busy"] = compat.is_busy(conn) and conn.busy() and conn.request_in_progress
         seen["current"] = conn.current_request is request
         seen["count"] = conn.request_count
         task = compat.handler_task(conn)
@@ -105,32 +139,6 @@ async def test_hooks_run_over_a_real_connection() -> None:
     assert seen == {"hook": seen["hook"], "type": "Req", "busy": True, "current": True,
                     "count": 1, "task": True, "messages": True, "server": True}
     assert seen["hook"] is not None  # aiohttp's Server header was set before the hook
-
-
-async def test_stream_response_claim_and_finish() -> None:
-    """claim_writer / set_keep_alive / mark_finished act on what aiohttp's
-    own prepare / write_eof use: prepared, keep_alive, body_length."""
-    written: dict[str, object] = {}
-
-    class Resp(compat.StreamResponse):
-        async def prepare(self, request: web.BaseRequest) -> None:  # type: ignore[override]
-            writer = self.claim_writer(request, False)
-            written["first"] = writer is not None and self.prepared
-            written["again"] = self.claim_writer(request, True) is None
-            request.transport.write(  # type: ignore[union-attr]
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-
-        async def write_eof(self, data: bytes = b"") -> None:
-            self.mark_finished(2)
-            written["length"] = self.body_length
-            written["keep_alive"] = self.keep_alive
-
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        return Resp()
-
-    response = await _one_request(web.Server(handler), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert response.endswith(b"\r\n\r\nok")
-    assert written == {"first": True, "again": True, "length": 2, "keep_alive": False}
 
 
 async def _one_request(srv: web.Server, request: bytes) -> bytes:

@@ -152,6 +152,10 @@ max_body_size = "50M"
 [log]
 level = "info"
 access = "off"
+
+# On, as in production: every rule of the gate is kept while measured.
+[metrics]
+bind = "{HOST}:{ports['metrics']}"
 """
 
 
@@ -161,7 +165,7 @@ def start_gate(ctx: Ctx, upstream_port: int, prefix: list[str] | None = None,
     workdir = ctx.tmp / f"gate-{ctx.starts}"
     ctx.starts += 1
     workdir.mkdir()
-    ports = {"plain": free_port(), "tls": free_port()}
+    ports = {"plain": free_port(), "tls": free_port(), "metrics": free_port()}
     conf = workdir / "gate.toml"
     conf.write_text(gate_toml(ctx, upstream_port, ports))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(

@@ -199,7 +199,7 @@ NOTES = [
     "(bench/nginx_proxy.conf.tmpl: upstream {} keepalive 64, HTTP/1.1, Connection \"\", "
     "X-Forwarded-For/Proto, Host $host:$server_port, client_max_body_size 50M, default "
     "proxy buffering); `gate` = `python -m palpo_gate` with `server.workers` as shown, "
-    "access log off (nginx: access_log off); `bare` = bench/bare_server.py, aiohttp's "
+    "metrics on, access log off (nginx: access_log off); `bare` = bench/bare_server.py, aiohttp's "
     "web.Server on uvloop answering the upstream's /versions body from memory (small GETs "
     "and idle RSS only).",
     "gate / bare compares the gate with the floor of its own stack (same interpreter, loop, "
