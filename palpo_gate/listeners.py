@@ -40,6 +40,7 @@ from .config import Bind, Config, ConfigError
 from .errors import error_body, refusal
 from .headers import new_request_id
 from .proxy import ListenerHandler
+from .response import HIGH_WATER
 from .routing import _is_matrix
 from .wellknown import CORS_HEADERS
 
@@ -148,6 +149,8 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         # Once per connection rather than per request: the X-Forwarded-For value.
         peer = transport.get_extra_info("peername")
         self.client_addr = str(peer[0]) if isinstance(peer, tuple) else "unix:"
+        # What a client that stops reading holds on its side (response.HIGH_WATER).
+        transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[attr-defined]
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:

@@ -23,11 +23,12 @@ from aiohttp import web
 from .compat import StreamResponse
 
 #: Wait for the client once this much is buffered toward it (backpressure),
-#: and the transport's own high-water mark (uvloop's default is 64 KiB, and
+#: and the high-water mark every client transport gets when it connects
+#: (listeners.py; uvloop's default is 64 KiB, and
 #: 512 KiB for TLS): a client that stops reading holds at most this plus one
 #: piece of body (upstream._HIGH_WATER). The kernel's socket buffer, not this
 #: one, keeps a fast client busy.
-_HIGH_WATER = 32 * 1024
+HIGH_WATER = 32 * 1024
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -40,13 +41,14 @@ class ProxiedResponse(StreamResponse):
 
     # Its own fields in slots: they stay out of the instance dict aiohttp's
     # StreamResponse fills, which keeps every attribute access cheap.
-    __slots__ = ("_block", "_chunked_out", "_client", "_drain_writer", "_finished", "_forced",
-                 "_keep", "_length", "_no_body", "_pending", "_reason_bytes", "_sent",
-                 "_writer")
+    __slots__ = ("_block", "_chunked_out", "_client", "_code", "_drain_writer", "_finished",
+                 "_forced", "_keep", "_length", "_no_body", "_pending", "_reason_bytes",
+                 "_sent", "_writer")
 
     def __init__(self, status: int, reason: bytes, header_block: bytes,
                  length: int | None, no_body: bool) -> None:
         super().__init__(status)
+        self._code = status
         self._keep = False  # keep-alive, as decided in start()
         self._reason_bytes = reason
         #: "Name: value\r\n" lines to send as they are
@@ -86,36 +88,33 @@ class ProxiedResponse(StreamResponse):
             return  # started already (aiohttp's loop calls prepare() after the handler)
         version = request.version
         keep_alive = not self._forced and request.keep_alive
+        status = self._code
+        length = self._length
+        chunked = False
         # HTTP/1.1 to 1.0 clients too: the highest version the gate speaks
         # (RFC 9110 section 2.5); keep-alive for them is spelled out below.
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, self._reason_bytes or b"-"),
-                 self._block]
-        chunked = False
-        if self._length is not None:
+        if length is not None:
             # Kept as the upstream sent it (for HEAD too: the length of the GET).
-            if self.status != 204:
-                lines.append(b"Content-Length: %d\r\n" % self._length)
+            framing = b"Content-Length: %d\r\n" % length if status != 204 else b""
         elif self._no_body:
-            pass
+            framing = b""
         elif version >= (1, 1):
             chunked = True
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            framing = b"Transfer-Encoding: chunked\r\n"
         else:
+            framing = b""
             keep_alive = False  # an HTTP/1.0 body without a length ends at close
         if not keep_alive:
             if version >= (1, 1):
-                lines.append(b"Connection: close\r\n")
+                framing += b"Connection: close\r\n"
         elif version < (1, 1):
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(b"\r\n")
+            framing += b"Connection: keep-alive\r\n"
+        self._pending = b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+            status, self._reason_bytes or b"-", self._block, framing)
         self._keep = keep_alive
         self._writer = self._drain_writer = request.writer
         self._client = request
         self._chunked_out = chunked
-        transport = request.transport
-        if transport is not None:
-            transport.set_write_buffer_limits(_HIGH_WATER)
-        self._pending = b"".join(lines)
 
     def force_close(self) -> None:
         super().force_close()
@@ -152,7 +151,7 @@ class ProxiedResponse(StreamResponse):
         self._sent += len(data)
         if writer is not None:
             writer.output_size += len(data)
-        return transport.get_write_buffer_size() > _HIGH_WATER
+        return transport.get_write_buffer_size() > HIGH_WATER
 
     async def drain(self) -> None:  # type: ignore[override]
         """Wait until the client has taken what was written (backpressure)."""
