@@ -85,6 +85,16 @@ class RequestHandler(web_protocol.RequestHandler):
         """A request is being handled or waits to be."""
         return self.request_in_progress or bool(self.messages)
 
+    def drop_idle_timer(self) -> None:
+        """Cancel the idle keep-alive timer while a request is held: aiohttp
+        arms a new one after the response (it arms one only when none is
+        armed, which is why quick requests keep theirs: no timer is made and
+        cancelled per request)."""
+        handle = self.keepalive_handle
+        if handle is not None:
+            handle.cancel()
+            self.keepalive_handle = None
+
     def wake(self) -> None:
         """Wake the connection loop waiting for the next message."""
         waiter = self.waiter

@@ -204,12 +204,6 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
                 # A message queued behind the request being handled: a parse
                 # error in its body, say.
                 self._fail_body_on_parse_error()
-            handle = self.keepalive_handle
-            if handle is not None:
-                # aiohttp arms it again after the response; a held long-poll
-                # need not keep a timer (~600 B) meanwhile.
-                handle.cancel()
-                self.keepalive_handle = None
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None

@@ -62,6 +62,8 @@ _ROUTE = {
 }
 _NO_BODY_STATUSES = frozenset({204, 304})
 _WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
+#: In a target, the parameter of a Matrix long-poll (``/sync?timeout=30000``)
+_LONG_POLL = "timeout="
 #: ACME HTTP-01 validation requests (RFC 8555 section 8.3)
 _ACME_CHALLENGE = "/.well-known/acme-challenge/"
 
@@ -304,6 +306,13 @@ class ListenerHandler:
                 request, head = await self._collect(request, head, rec)
             read_timeout = gen.read_timeout
             pool = gen.pool
+            if _LONG_POLL in target:
+                # A Matrix long-poll (/sync, /events): held for up to its
+                # timeout, with no need of the connection's idle timer
+                # meanwhile (docs/DESIGN.md section 13).
+                drop = getattr(request.protocol, "drop_idle_timer", None)
+                if drop is not None:
+                    drop()
             for attempt in (0, 1):
                 conn = rec.conn = (pool.idle() if attempt == 0 else None) or await pool.connect()
                 conn.begin(head_only=method == "HEAD")

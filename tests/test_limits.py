@@ -16,7 +16,7 @@ import re
 import pytest
 from support.client import Conn, Resp, fetch, get
 from support.gate import gate_toml, port_of, running_gate
-from support.recorder import Req, recorder
+from support.recorder import Req, recorder, response
 
 CORS = {
     "access-control-allow-origin": "*",
@@ -430,6 +430,48 @@ async def test_idle_keep_alive_connection_is_closed() -> None:
                 await conn.close()
             # kept alive for a while (keep-alive works), then closed by idle_timeout
             assert 0.7 <= elapsed <= 3.5, elapsed
+
+
+async def test_held_long_poll_keeps_no_idle_timer_other_requests_keep_theirs() -> None:
+    """A Matrix long-poll (``?timeout=``) may be held for its whole timeout:
+    while it is held its connection has no idle timer (about 600 bytes, times
+    every held sync). A connection of ordinary requests keeps the one timer
+    aiohttp armed, so none is made and cancelled per request. After the
+    responses, the idle timeout still closes both."""
+    release = asyncio.Event()
+
+    async def held(req: Req, reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> None:
+        if b"hold" in req.target:
+            await release.wait()
+        writer.write(response(200, b"{}"))
+
+    async with recorder() as up:
+        up.handler = held
+        toml = gate_toml(f"http://127.0.0.1:{up.port}", extra='[limits]\nidle_timeout = "2s"')
+        async with running_gate(toml) as gate:
+            [(_, server, _)] = gate.servers
+            port = port_of(gate)
+            sync, other = await Conn.open(port), await Conn.open(port)
+            try:
+                # A quick request first on each: aiohttp's timer is armed after it.
+                for conn in (sync, other):
+                    assert (await conn.request(get("/_matrix/client/versions"))).status == 200
+                await sync.send(get("/_matrix/client/v3/sync?hold=1&timeout=30000"))
+                await other.send(get("/_matrix/client/v3/rooms/hold/messages"))
+                await up.wait_requests(4)
+                timers = sorted(c.keepalive_handle is not None for c in server.connections)
+                assert timers == [False, True], "the long-poll alone drops its idle timer"
+                release.set()
+                for conn in (sync, other):
+                    resp = await conn.read_response(timeout=5)
+                    assert resp.status == 200 and resp.complete
+                for conn in (sync, other):
+                    assert await conn.closed_by_peer(timeout=6), "idle connection never closed"
+            finally:
+                release.set()
+                await sync.close()
+                await other.close()
 
 
 async def test_connection_that_sends_nothing_is_closed() -> None:
