@@ -67,12 +67,8 @@ UNIX_PEER = "unix:"
 _PROTOS = frozenset({b"http", b"https"})
 
 
+#: A valid Host: ``uri-host [ ":" port ]`` (RFC 9110 section 7.2): no '/', '@', spaces.
 _HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
-
-
-def valid_host(value: bytes) -> bool:
-    """``uri-host [ ":" port ]`` (RFC 9110 section 7.2): no '/', '@', spaces."""
-    return _HOST_RE.fullmatch(value) is not None
 
 
 def sane_request_id(value: bytes | None) -> bool:

@@ -114,13 +114,12 @@ class ListenerHandler:
                              gen.documents is not None)
         self.proto = b"https" if listener.tls else b"http"
         self.hosts = listener.hosts
-        #: the port added to a Host without one; set once the socket is bound
-        self.port = listener.bind.port if listener.bind.kind == "tcp" else 0
-        self.fallback_host = b"localhost"
-        #: what this listener's upstream request heads share, and the pass that builds them
-        self.heads = hdr.RequestHeads(self.proto, gen.rid_name, self.port, self.fallback_host,
-                                      gen.limits.max_body_size,
-                                      media_upload if gen.buffer_uploads else None)
+        #: what this listener's upstream request heads share, and the pass that
+        #: builds them; the port added to a Host without one is set once the
+        #: socket is bound
+        self.heads = hdr.RequestHeads(
+            self.proto, gen.rid_name, listener.bind.port if listener.bind.kind == "tcp" else 0,
+            b"localhost", gen.limits.max_body_size, media_upload if gen.buffer_uploads else None)
         #: set on reload: this listener's connections finish on this generation,
         #: each response announcing ``Connection: close``
         self.retired = False
@@ -130,10 +129,9 @@ class ListenerHandler:
     def bound(self, sockname: Any) -> None:
         """Record the address the listener socket really got (port 0 → a real port)."""
         if isinstance(sockname, tuple) and len(sockname) >= 2:
-            self.port = int(sockname[1])
-            self.fallback_host = join_host_port(str(sockname[0]), self.port).encode()
-            self.heads.port = self.port
-            self.heads.fallback_host = self.fallback_host
+            heads = self.heads
+            heads.port = int(sockname[1])
+            heads.fallback_host = join_host_port(str(sockname[0]), heads.port).encode()
 
     # -- dispatch ---------------------------------------------------------------
 
