@@ -59,7 +59,8 @@ VARIANTS = ("raw", "bare", "minproxy", "gate", "gate-route", "gate-reqhead", "ga
 #: steps of a proxied request, and aiohttp's machinery around the handler.
 PYSPY_STEPS = {
     "route (Router.decide)": (("decide", "palpo_gate/routing.py"),),
-    "request head (_request_head)": (("_request_head", "palpo_gate/proxy.py"),),
+    "request head (RequestHeads.build, _request_head)": (
+        ("build", "palpo_gate/headers.py"), ("_request_head", "palpo_gate/proxy.py")),
     "response head (response_block)": (("response_block", "palpo_gate/headers.py"),),
     "request id (header_value/new_request_id/sane)": (
         ("header_value", "palpo_gate/headers.py"), ("__call__", "palpo_gate/headers.py"),

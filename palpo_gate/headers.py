@@ -25,9 +25,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+
+from .errors import BadHost, BadRequestBody, BodyTooLarge, GateError
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
+#: What :meth:`RequestHeads.build` makes of a request's headers:
+#: ``(head, refusal, has_body, chunked, buffer, expect)``.
+RequestHead = tuple[bytes, GateError | None, bool, bool, bool, bool]
 
 #: RFC 9110 section 7.6.1 plus the de-facto ones (Keep-Alive, Proxy-Connection).
 HOP_BY_HOP: frozenset[bytes] = frozenset({
@@ -62,12 +67,14 @@ UNIX_PEER = "unix:"
 _PROTOS = frozenset({b"http", b"https"})
 
 
+#: Bytes looked for in a header name or Host as ints: ``b"_" in name`` makes
+#: CPython raise and clear a TypeError inside bytes.__contains__ (it tries the
+#: needle as an int first), ten times the cost of ``0x5F in name``, a memchr.
+_UNDERSCORE = ord("_")
+_COLON = ord(":")
+
+#: A valid Host: ``uri-host [ ":" port ]`` (RFC 9110 section 7.2): no '/', '@', spaces.
 _HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
-
-
-def valid_host(value: bytes) -> bool:
-    """``uri-host [ ":" port ]`` (RFC 9110 section 7.2): no '/', '@', spaces."""
-    return _HOST_RE.fullmatch(value) is not None
 
 
 def sane_request_id(value: bytes | None) -> bool:
@@ -109,7 +116,7 @@ def host_with_port(host: bytes | None, port: int, fallback: bytes) -> bytes:
         if host.endswith(b"]"):
             return host + b":%d" % port
         return host
-    if b":" in host:
+    if _COLON in host:
         return host
     return host + b":%d" % port
 
@@ -129,66 +136,153 @@ def _drop_named(connection: list[bytes], lines: list[bytes], lnames: list[bytes]
     return lines, named
 
 
-def build_request_head(method: bytes, target: bytes, headers: RawHeaders, *,
-                       client_addr: str, peer_trusted: bool, proto: bytes, host: bytes,
-                       request_id_name: bytes, request_id: bytes, framing: bytes) -> bytes:
-    """The request head sent upstream, ``\\r\\n\\r\\n`` included.
+class RequestHeads:
+    """One listener's upstream request heads: what they share, and the one
+    pass over a request's raw headers that builds each (:meth:`build`).
 
-    *client_addr* is the peer's IP address, or :data:`UNIX_PEER`. *framing*
-    is the body framing line (``Content-Length: N`` or ``Transfer-Encoding:
-    chunked``) or empty for no body. One pass: this runs for every request.
+    That pass is all the gate reads of a forwarded request's headers: the
+    framing (RFC 9112 section 6.1), Host, Expect and the client's request id
+    come out of the same loop that applies the rules above, so a request
+    costs one pass, not one lookup per header the gate needs.
     """
-    rid_lower = request_id_name.lower()
-    drop = _DROP_TRUSTED if peer_trusted else _DROP_UNTRUSTED
-    lines: list[bytes] = []
-    lnames: list[bytes] = []
-    connection: list[bytes] = []
-    prior_xff: list[bytes] = []
-    prior_proto: bytes | None = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname in drop or lname == rid_lower:
-            if lname == b"connection":
-                connection.append(value)
-            elif peer_trusted:
-                if lname == b"x-forwarded-for":
-                    prior_xff.append(value)
-                elif lname == b"x-forwarded-proto":
-                    prior_proto = value  # the last one: the nearest proxy's
-            continue
-        # X_Forwarded_For and friends: CGI-style servers read them as the real
-        # header (HTTP_X_FORWARDED_FOR); the client must not smuggle them in.
-        if b"_" in lname:
-            dashed = lname.replace(b"_", b"-")
-            if dashed in drop or dashed == rid_lower:
+
+    __slots__ = ("_rid_tail", "buffer_upload", "fallback_host", "max_body", "new_id", "port",
+                 "proto", "rid_lower", "rid_name")
+
+    def __init__(self, proto: bytes, request_id_name: bytes, port: int, fallback_host: bytes,
+                 max_body: int, buffer_upload: Callable[[str, str], bool] | None = None,
+                 new_id: Callable[[], bytes] = new_request_id) -> None:
+        #: X-Forwarded-Proto unless a trusted proxy said otherwise
+        self.proto = proto
+        self.rid_name = request_id_name
+        self.rid_lower = request_id_name.lower()
+        #: the head's last lines up to the request id, when the scheme is the listener's
+        self._rid_tail = b"X-Forwarded-Proto: %b\r\n%b: " % (proto, request_id_name)
+        #: the port added to a Host without one (0: none), and the Host when
+        #: the client sent none (:func:`host_with_port`)
+        self.port = port
+        self.fallback_host = fallback_host
+        #: limits.max_body_size: a larger Content-Length is refused
+        self.max_body = max_body
+        #: forwarding.buffer_chunked_uploads: (method, target) -> whether a
+        #: chunked body is collected first; None when off
+        self.buffer_upload = buffer_upload
+        self.new_id = new_id
+
+    def build(self, method: str, target: str, headers: RawHeaders, client_addr: str,
+              peer_trusted: bool
+              ) -> tuple[bytes, RequestHead]:
+        """The request id, and ``(head, refusal, has_body, chunked, buffer,
+        expect)`` for one request.
+
+        *head* is the head to send upstream, ``\\r\\n\\r\\n`` included, framed
+        as the client framed the body (``Content-Length: N``, ``Transfer-Encoding:
+        chunked``, or nothing); a chunked body to *buffer* first gets no framing
+        (:func:`spool.with_length` adds it). *refusal* is the error to answer
+        instead (a Transfer-Encoding other than chunked, a Content-Length over
+        the limit, a bad Host, checked in that order; *head* is then empty).
+        *chunked*: the body is sent on chunked as it comes; *expect*: the client
+        sent ``Expect: 100-continue`` for a body. The request id is the
+        client's when sane, else a new one. *client_addr* is the peer's IP
+        address, or :data:`UNIX_PEER`.
+        """
+        rid_lower = self.rid_lower
+        drop = _DROP_TRUSTED if peer_trusted else _DROP_UNTRUSTED
+        lines: list[bytes] = []
+        lnames: list[bytes] = []
+        connection: list[bytes] = []
+        prior_xff: list[bytes] = []
+        prior_proto: bytes | None = None
+        host = rid = length = te = expect = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in drop or lname == rid_lower:
+                # The first of each, as a lookup by name would give.
+                if lname == b"host":
+                    if host is None:
+                        host = value
+                elif lname == rid_lower:
+                    if rid is None:
+                        rid = value
+                elif lname == b"content-length":
+                    if length is None:
+                        length = value
+                elif lname == b"transfer-encoding":
+                    if te is None:
+                        te = value
+                elif lname == b"expect":
+                    if expect is None:
+                        expect = value
+                elif lname == b"connection":
+                    connection.append(value)
+                elif peer_trusted:
+                    if lname == b"x-forwarded-for":
+                        prior_xff.append(value)
+                    elif lname == b"x-forwarded-proto":
+                        prior_proto = value  # the last one: the nearest proxy's
                 continue
-        lines.append(b"%b: %b\r\n" % (name, value))
-        lnames.append(lname)
-    if connection:
-        lines, named = _drop_named(connection, lines, lnames)
-        if b"x-forwarded-for" in named:
-            prior_xff = []
-        if b"x-forwarded-proto" in named:
-            prior_proto = None
-    if prior_proto is not None:
-        # A TLS-terminating frontend says what the client used; anything but
-        # a plain scheme is not passed on.
-        prior_proto = prior_proto.strip().lower()
-        if prior_proto in _PROTOS:
-            proto = prior_proto
-    if client_addr != UNIX_PEER:
-        prior_xff.append(client_addr.encode())
-    if prior_xff:
-        tail = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n%b: %b\r\n" % (
-            b", ".join(prior_xff), proto, request_id_name, request_id)
-    else:
-        tail = b"X-Forwarded-Proto: %b\r\n%b: %b\r\n" % (proto, request_id_name, request_id)
-    return b"".join((
-        b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (method, target, host),
-        *lines,
-        tail,
-        b"%b\r\n\r\n" % framing if framing else b"\r\n",
-    ))
+            # X_Forwarded_For and friends: CGI-style servers read them as the real
+            # header (HTTP_X_FORWARDED_FOR); the client must not smuggle them in.
+            if _UNDERSCORE in lname:
+                dashed = lname.replace(b"_", b"-")
+                if dashed in drop or dashed == rid_lower:
+                    continue
+            lines.append(b"%b: %b\r\n" % (name, value))
+            lnames.append(lname)
+        if rid is None or _REQUEST_ID_RE.fullmatch(rid) is None:
+            rid = self.new_id()
+        # Framing (RFC 9112 section 6.1): the C parser already refused CL+TE,
+        # repeated TE and bad chunk sizes; a coding other than chunked is ours.
+        if te is not None and te.strip().lower() != b"chunked":
+            msg = "only Transfer-Encoding: chunked is accepted"
+            return rid, (b"", BadRequestBody(msg, public=msg), False, False, False, False)
+        size = None if length is None else int(length)
+        if size is not None and size > self.max_body:
+            return rid, (b"", BodyTooLarge(f"request body over the limit of {self.max_body} bytes"),
+                         False, False, False, False)
+        buffer = False
+        if te is not None:
+            # forwarding.buffer_chunked_uploads: collected first, framed then.
+            buffer = self.buffer_upload is not None and self.buffer_upload(method, target)
+            framing = b"\r\n" if buffer else b"Transfer-Encoding: chunked\r\n\r\n"
+            has_body = True
+        elif size is not None:
+            framing = b"Content-Length: %d\r\n\r\n" % size
+            has_body = size > 0
+        else:
+            framing = b"\r\n"
+            has_body = False
+        if host is not None and _HOST_RE.fullmatch(host) is None:
+            return rid, (b"", BadHost("invalid Host header"), False, False, False, False)
+        if connection:
+            lines, named = _drop_named(connection, lines, lnames)
+            if b"x-forwarded-for" in named:
+                prior_xff = []
+            if b"x-forwarded-proto" in named:
+                prior_proto = None
+        rid_tail = self._rid_tail
+        if prior_proto is not None:
+            # A TLS-terminating frontend says what the client used; anything but
+            # a plain scheme is not passed on.
+            prior_proto = prior_proto.strip().lower()
+            if prior_proto in _PROTOS:
+                rid_tail = b"X-Forwarded-Proto: %b\r\n%b: " % (prior_proto, self.rid_name)
+        if client_addr != UNIX_PEER:
+            prior_xff.append(client_addr.encode())
+        if prior_xff:
+            tail = b"X-Forwarded-For: %b\r\n%b%b\r\n" % (b", ".join(prior_xff), rid_tail, rid)
+        else:
+            tail = b"%b%b\r\n" % (rid_tail, rid)
+        head = b"".join((
+            b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (
+                method.encode(), target.encode("utf-8", "surrogateescape"),
+                host_with_port(host, self.port, self.fallback_host)),
+            *lines,
+            tail,
+            framing,
+        ))
+        return rid, (head, None, has_body, te is not None and not buffer, buffer,
+                     has_body and expect is not None and expect.lower() == b"100-continue")
 
 
 def response_block(headers: RawHeaders, request_id_name: bytes, request_id: bytes

@@ -34,7 +34,6 @@ from .errors import (
     LOCAL_ANSWERS,
     MISDIRECTED,
     VERSION_NOT_SUPPORTED,
-    BadHost,
     BadRequestBody,
     BodyTimeout,
     BodyTooLarge,
@@ -117,9 +116,12 @@ class ListenerHandler:
                              gen.documents is not None)
         self.proto = b"https" if listener.tls else b"http"
         self.hosts = listener.hosts
-        #: the port added to a Host without one; set once the socket is bound
-        self.port = listener.bind.port if listener.bind.kind == "tcp" else 0
-        self.fallback_host = b"localhost"
+        #: what this listener's upstream request heads share, and the pass that
+        #: builds them; the port added to a Host without one is set once the
+        #: socket is bound
+        self.heads = hdr.RequestHeads(
+            self.proto, gen.rid_name, listener.bind.port if listener.bind.kind == "tcp" else 0,
+            b"localhost", gen.limits.max_body_size, media_upload if gen.buffer_uploads else None)
         #: set on reload: this listener's connections finish on this generation,
         #: each response announcing ``Connection: close``
         self.retired = False
@@ -129,8 +131,9 @@ class ListenerHandler:
     def bound(self, sockname: Any) -> None:
         """Record the address the listener socket really got (port 0 → a real port)."""
         if isinstance(sockname, tuple) and len(sockname) >= 2:
-            self.port = int(sockname[1])
-            self.fallback_host = join_host_port(str(sockname[0]), self.port).encode()
+            heads = self.heads
+            heads.port = int(sockname[1])
+            heads.fallback_host = join_host_port(str(sockname[0]), heads.port).encode()
 
     # -- dispatch ---------------------------------------------------------------
 
@@ -159,39 +162,51 @@ class ListenerHandler:
         # The connection address (TCP peer or PROXY header) is what X-Forwarded-For
         # appends; behind trusted proxies the client is further left (clients.py).
         peer = client
-        if gen.trusted_set and peer in gen.trusted_set:
+        trusted = bool(gen.trusted_set) and peer in gen.trusted_set
+        if trusted:
             client = clients.forwarded_client(peer, clients.xff_values(request.raw_headers),
                                               gen.trusted_set)
-        rid = hdr.header_value(request.raw_headers, gen.rid_lower)
-        if not hdr.sane_request_id(rid):
-            rid = hdr.new_request_id()
-        assert rid is not None
         if self.acme is not None and target.startswith(_ACME_CHALLENGE):
             # RFC 8555 section 8.3, for any Host: answered here, never forwarded.
             resp = self.acme.http01_response(method, target)
-            return _ready(self._local(request, decision, client, rid, resp, "well_known"))
+            return _ready(self._local(request, decision, client, self._rid(request), resp,
+                                      "well_known"))
         if self.hosts is not None and not self._host_allowed(request):
+            rid = self._rid(request)
             resp = self._answer(MISDIRECTED, decision.matrix, rid)
             return _ready(self._local(request, decision, client, rid, resp))
         if action is Action.FORWARD or (
                 action is Action.ADMIN and _in(client, gen.allow_admin)):
             if method != "OPTIONS" or not decision.matrix:
+                # The client's request id comes out of the head's one pass
+                # (its checks are made in _forward, through the funnel).
+                rid, req = self.heads.build(method, target, request.raw_headers, peer, trusted)
                 rate = gen.rate
                 if rate is not None and (rate.every or (method == "POST" and rate.posts)):
                     rules = rate.rules(method, decision.path)  # [rate_limits] (ratelimit.py)
                     if rules:
                         return self._forward_limited(rate, rules, request, method, target,
                                                      decision.matrix, client, rid,
-                                                     _ROUTE[action], peer)
+                                                     _ROUTE[action], req)
                 return self._forward(request, method, target, decision.matrix, client, rid,
-                                     _ROUTE[action], peer)
+                                     _ROUTE[action], req)
             # A CORS preflight: browsers reject any non-2xx answer to it, so
             # forwarding it would turn an upstream outage into a CORS failure
             # instead of a readable 502. The Matrix client-server spec ("Web
             # Browser Clients") has OPTIONS answered with the CORS headers and
             # no endpoint logic, which needs nothing from the upstream.
-            return _ready(self._local(request, decision, client, rid, _PREFLIGHT.response()))
-        return _ready(self._local(request, decision, client, rid, None))
+            return _ready(self._local(request, decision, client, self._rid(request),
+                                      _PREFLIGHT.response()))
+        return _ready(self._local(request, decision, client, self._rid(request), None))
+
+    def _rid(self, request: web.BaseRequest) -> bytes:
+        """The request id of a request the gate answers itself: the client's
+        when sane, else a new one (forwarded requests get theirs from
+        :meth:`headers.RequestHeads.build`)."""
+        rid = hdr.header_value(request.raw_headers, self.gen.rid_lower)
+        if rid is None or not hdr.sane_request_id(rid):
+            return hdr.new_request_id()
+        return rid
 
     def _local(self, request: web.BaseRequest, decision: Decision, client: str, rid: bytes,
                resp: web.StreamResponse | None, route: str | None = None
@@ -270,13 +285,13 @@ class ListenerHandler:
 
     async def _forward_limited(self, rate: Policy, rules: Any, request: web.BaseRequest,
                                method: str, target: str, matrix: bool, client: str, rid: bytes,
-                               route: str, peer: str) -> web.StreamResponse:
+                               route: str, req: hdr.RequestHead) -> web.StreamResponse:
         """[rate_limits]: a 429 of the gate's own when *client* is over a limit
         (ratelimit.py), else forward."""
         resp = await rate.check(rules, client)
         if resp is None:
             return await self._forward(request, method, target, matrix, client, rid, route,
-                                       peer)
+                                       req)
         gen = self.gen
         resp.headers[gen.rid_name.decode()] = rid.decode()
         if self.retired:
@@ -290,18 +305,18 @@ class ListenerHandler:
         return resp
 
     async def _forward(self, request: web.BaseRequest, method: str, target: str,
-                       matrix: bool, client: str, rid: bytes, route: str, peer: str
+                       matrix: bool, client: str, rid: bytes, route: str, req: hdr.RequestHead
                        ) -> web.StreamResponse:
         """Forward one request (again if :func:`exchange.may_retry` allows), relay
         the response; failures go to the one funnel, :meth:`_failed`. *client*
-        is the client (logs, limits); *peer* what ``X-Forwarded-For`` appends."""
+        is the client (logs, limits); *req* its head, as
+        :meth:`headers.RequestHeads.build` made it."""
         gen = self.gen
         started = time.monotonic() if gen.access.enabled or gen.metrics is not None else 0.0
         rec = _Record()
         resp: web.StreamResponse | None = None
         try:
-            head, has_body, chunked, buffer = self._request_head(request, method, target,
-                                                                peer, rid)
+            head, has_body, chunked, buffer = self._request_head(request, req)
             if buffer:
                 request, head = await self._collect(request, head, rec)
             read_timeout = gen.read_timeout
@@ -417,54 +432,24 @@ class ListenerHandler:
             gen.metrics.observe(self.name, route, resp.status if resp is not None else 499,
                                 time.monotonic() - started, rec.bytes_in, rec.bytes_out)
 
-    def _request_head(self, request: web.BaseRequest, method: str, target: str, peer: str,
-                      rid: bytes) -> tuple[bytes, bool, bool, bool]:
+    def _request_head(self, request: web.BaseRequest, req: hdr.RequestHead
+                      ) -> tuple[bytes, bool, bool, bool]:
         """The head to send upstream, whether a body follows, whether it is
         chunked, and whether it is a chunked upload to collect first (the head
-        then has no framing yet: :func:`spool.with_length` adds it).
+        then has no framing yet: :func:`spool.with_length` adds it), from *req*
+        (:meth:`headers.RequestHeads.build`).
 
-        Raises the 400 / 413 of a body the gate will not take (docs/DESIGN.md section 3, 5).
+        Raises the 400 / 413 of a head the gate will not take (docs/DESIGN.md section 3, 5).
         """
-        gen = self.gen
-        raw_headers = request.raw_headers
-        # Framing (RFC 9112 section 6.1): the C parser already refused CL+TE,
-        # repeated TE and bad chunk sizes; a coding other than chunked is ours.
-        te = request.headers.get("Transfer-Encoding")
-        chunked = te is not None
-        if chunked and te.strip().lower() != "chunked":  # type: ignore[union-attr]
-            msg = "only Transfer-Encoding: chunked is accepted"
-            raise BadRequestBody(msg, public=msg)
-        length = request.content_length
-        limit = gen.limits.max_body_size
-        if length is not None and length > limit:
-            raise BodyTooLarge(f"request body over the limit of {limit} bytes")
-        buffer = False
-        if chunked:
-            # forwarding.buffer_chunked_uploads: collected first, framed then.
-            buffer = gen.buffer_uploads and media_upload(method, target)
-            framing = b"" if buffer else b"Transfer-Encoding: chunked"
-        elif length is not None:
-            framing = b"Content-Length: %d" % length
-        else:
-            framing = b""
-        has_body = chunked or bool(length)
-        host = hdr.header_value(raw_headers, b"host")
-        if host is not None and not hdr.valid_host(host):
-            raise BadHost("invalid Host header")
-        if has_body and request.version >= (1, 1):
-            expect = request.headers.get("Expect")
-            if expect is not None and expect.lower() == "100-continue":
-                # web.Server never answers Expect itself; the request has
-                # passed every check of its head (size, Host), so invite the
-                # body now (RFC 9110 section 10.1.1), never before a refusal.
-                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
-        head = hdr.build_request_head(
-            method.encode(), target.encode("utf-8", "surrogateescape"), raw_headers,
-            client_addr=peer, peer_trusted=bool(gen.trusted_set) and peer in gen.trusted_set,
-            proto=self.proto,
-            host=hdr.host_with_port(host, self.port, self.fallback_host),
-            request_id_name=gen.rid_name, request_id=rid, framing=framing)
-        return head, has_body, chunked and not buffer, buffer
+        head, refusal, has_body, chunked, buffer, expect = req
+        if refusal is not None:
+            raise refusal
+        if expect and request.version >= (1, 1):
+            # web.Server never answers Expect itself; the request has
+            # passed every check of its head (size, Host), so invite the
+            # body now (RFC 9110 section 10.1.1), never before a refusal.
+            request.transport.write(_CONTINUE)  # type: ignore[union-attr]
+        return head, has_body, chunked, buffer
 
 
 class _BodyPump:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from palpo_gate.errors import BadHost, BadRequestBody, BodyTooLarge
 from palpo_gate.headers import (
-    build_request_head,
+    RequestHead,
+    RequestHeads,
     host_with_port,
     new_request_id,
     response_block,
@@ -33,18 +35,18 @@ HOP_VALUES = {
 # -- hop-by-hop and the Connection-token rule, in both directions ---------------------------
 #
 # The same table runs through the two functions that serve traffic:
-# build_request_head (client -> upstream) and response_block (upstream -> client).
+# RequestHeads.build (client -> upstream) and response_block (upstream -> client).
 
 AROUND: H = [(b"Accept", b"*/*"), (b"Authorization", b"Bearer t")]
 RID = b"X-Request-ID"
 
 
 def _passed_request(headers: H) -> bytes:
-    """The header lines build_request_head passes on from *headers*."""
+    """The header lines RequestHeads.build passes on from *headers*."""
     head = _head(headers)
     start = len(REQ_LINE + b"\r\n" + HOST + b"\r\n")
     end = head.index(b"X-Forwarded-For: ")
-    assert head.endswith(_lines(*TAIL_UNTRUSTED)), head
+    assert head[end:].startswith(_lines(*TAIL_UNTRUSTED)[:-2]), head
     return head[start:end]
 
 
@@ -136,19 +138,29 @@ def test_the_header_builders_do_not_modify_their_input() -> None:
     assert headers == [(b"Connection", b"X-A"), (b"X-A", b"1"), (b"Content-Length", b"1")]
 
 
-# -- build_request_head ------------------------------------------------------------------
+# -- RequestHeads.build: the head ----------------------------------------------------------
 
 CLIENT = "203.0.113.7"
+LIMIT = 1000
 
 
-def _head(headers: H, *, trusted: bool = False, framing: bytes = b"",
-          rid_name: bytes = b"X-Request-ID", method: bytes = b"GET",
-          target: bytes = b"/_matrix/client/versions", proto: bytes = b"https",
-          host: bytes = b"matrix.example.com:443", client: str = CLIENT) -> bytes:
-    return build_request_head(
-        method, target, headers, client_addr=client, peer_trusted=trusted, proto=proto,
-        host=host, request_id_name=rid_name, request_id=b"rid-1", framing=framing,
-    )
+def _build(headers: H, *, trusted: bool = False, rid_name: bytes = b"X-Request-ID",
+           method: str = "GET", target: str = "/_matrix/client/versions",
+           proto: bytes = b"https", port: int = 443,
+           fallback: bytes = b"matrix.example.com:443", client: str = CLIENT,
+           buffer: object = None) -> tuple[bytes, RequestHead]:
+    """RequestHeads.build as a listener on *port* runs it; a new request id is ``rid-1``."""
+    heads = RequestHeads(proto, rid_name, port, fallback, LIMIT,
+                         buffer,  # type: ignore[arg-type]
+                         new_id=lambda: b"rid-1")
+    return heads.build(method, target, headers, client, trusted)
+
+
+def _head(headers: H, **kwargs: object) -> bytes:
+    """The head built from *headers*, which the gate takes."""
+    _, (head, refusal, *_) = _build(headers, **kwargs)  # type: ignore[arg-type]
+    assert refusal is None
+    return head
 
 
 def _lines(*lines: bytes) -> bytes:
@@ -184,16 +196,19 @@ HEAD_TABLE: list[tuple[str, dict[str, object], bytes]] = [
                b"Authorization: X-Matrix origin=o,key=k,sig=s", b"x-dup: 2", *TAIL_UNTRUSTED),
     ),
     (
-        "client-sent Host, X-Forwarded-*, request id, Content-Length, Expect replaced",
+        "client-sent Host, X-Forwarded-*, request id, Content-Length, Expect: the gate's lines",
         {"headers": [(b"Accept", b"a"), *SET_BY_GATE, (b"User-Agent", b"ua")]},
-        _lines(REQ_LINE, HOST, b"Accept: a", b"User-Agent: ua", *TAIL_UNTRUSTED),
+        _lines(REQ_LINE, b"Host: evil.example:443", b"Accept: a", b"User-Agent: ua",
+               TAIL_UNTRUSTED[0], TAIL_UNTRUSTED[1], b"X-Request-ID: client-id",
+               b"Content-Length: 999"),
     ),
     (
         "replaced whatever the case of the name",
         {"headers": [(b"HOST", b"h"), (b"x-forwarded-for", b"1.1.1.1"),
                      (b"X-FORWARDED-PROTO", b"http"), (b"x-request-id", b"c"),
                      (b"content-length", b"1"), (b"EXPECT", b"100-continue")]},
-        _lines(REQ_LINE, HOST, *TAIL_UNTRUSTED),
+        _lines(REQ_LINE, b"Host: h:443", TAIL_UNTRUSTED[0], TAIL_UNTRUSTED[1],
+               b"X-Request-ID: c", b"Content-Length: 1"),
     ),
     (
         "untrusted peer: made-up forwarding headers dropped",
@@ -246,36 +261,40 @@ HEAD_TABLE: list[tuple[str, dict[str, object], bytes]] = [
                      (b"Keep-Alive", b"timeout=5"), (b"TE", b"trailers"),
                      (b"Upgrade", b"websocket"), (b"Proxy-Authorization", b"Basic x"),
                      (b"Proxy-Connection", b"keep-alive"), (b"Trailer", b"X"),
-                     (b"Transfer-Encoding", b"chunked"), (b"Accept", b"a")],
-         "framing": b"Transfer-Encoding: chunked"},
+                     (b"Transfer-Encoding", b"chunked"), (b"Accept", b"a")]},
         _lines(REQ_LINE, HOST, b"Accept: a", *TAIL_UNTRUSTED, b"Transfer-Encoding: chunked"),
     ),
     (
         "Content-Length framing line last",
         {"headers": [(b"Content-Type", b"application/json"), (b"Content-Length", b"2")],
-         "framing": b"Content-Length: 2", "method": b"POST",
-         "target": b"/_matrix/client/v3/login"},
+         "method": "POST", "target": "/_matrix/client/v3/login"},
         _lines(b"POST /_matrix/client/v3/login HTTP/1.1", HOST,
                b"Content-Type: application/json", *TAIL_UNTRUSTED, b"Content-Length: 2"),
     ),
     (
         "raw target byte for byte",
-        {"headers": [], "method": b"PUT",
-         "target": b"/_matrix/client/v3/rooms/%21a%3Ahs/send/m.room.message/a%2fb%2E?x=%2F&&"},
+        {"headers": [], "method": "PUT",
+         "target": "/_matrix/client/v3/rooms/%21a%3Ahs/send/m.room.message/a%2fb%2E?x=%2F&&"},
         _lines(b"PUT /_matrix/client/v3/rooms/%21a%3Ahs/send/m.room.message/a%2fb%2E?x=%2F&& "
                b"HTTP/1.1", HOST, *TAIL_UNTRUSTED),
     ),
     (
         "plain listener, IPv6 Host",
-        {"headers": [], "proto": b"http", "host": b"[::1]:8080"},
+        {"headers": [(b"Host", b"[::1]")], "proto": b"http", "port": 8080},
         _lines(REQ_LINE, b"Host: [::1]:8080", b"X-Forwarded-For: 203.0.113.7",
                b"X-Forwarded-Proto: http", b"X-Request-ID: rid-1"),
     ),
     (
-        "custom request id header: the client's copy replaced, X-Request-ID passes",
+        "custom request id header: the client's taken, X-Request-ID passes",
         {"headers": [(b"x-correlation-id", b"client"), (b"X-Request-ID", b"other")],
          "rid_name": b"X-Correlation-ID"},
         _lines(REQ_LINE, HOST, b"X-Request-ID: other", b"X-Forwarded-For: 203.0.113.7",
+               b"X-Forwarded-Proto: https", b"X-Correlation-ID: client"),
+    ),
+    (
+        "custom request id header: an insane one replaced",
+        {"headers": [(b"X-Correlation-ID", b"a b")], "rid_name": b"X-Correlation-ID"},
+        _lines(REQ_LINE, HOST, b"X-Forwarded-For: 203.0.113.7",
                b"X-Forwarded-Proto: https", b"X-Correlation-ID: rid-1"),
     ),
 ]
@@ -283,7 +302,7 @@ HEAD_TABLE: list[tuple[str, dict[str, object], bytes]] = [
 
 @pytest.mark.parametrize(("kwargs", "expected"), [r[1:] for r in HEAD_TABLE],
                          ids=[r[0] for r in HEAD_TABLE])
-def test_build_request_head(kwargs: dict[str, object], expected: bytes) -> None:
+def test_request_head(kwargs: dict[str, object], expected: bytes) -> None:
     assert _head(**kwargs) == expected  # type: ignore[arg-type]
 
 
@@ -338,22 +357,167 @@ FRONTEND_TABLE: list[tuple[str, dict[str, object], bytes]] = [
 
 @pytest.mark.parametrize(("kwargs", "expected"), [r[1:] for r in FRONTEND_TABLE],
                          ids=[r[0] for r in FRONTEND_TABLE])
-def test_build_request_head_behind_a_frontend(kwargs: dict[str, object],
+def test_request_head_behind_a_frontend(kwargs: dict[str, object],
                                               expected: bytes) -> None:
     head = _head(**kwargs)  # type: ignore[arg-type]
     assert head == expected
     assert b"unix:" not in head
 
 
-def test_build_request_head_has_host_first_and_one_of_each_gate_header() -> None:
-    head = _head([*SET_BY_GATE, *CLIENT_FORWARDING, (b"Accept", b"a")], trusted=True)
+def test_request_head_has_host_first_and_one_of_each_gate_header() -> None:
+    head = _head([*SET_BY_GATE, *SET_BY_GATE, *CLIENT_FORWARDING, (b"Accept", b"a")],
+                 trusted=True)
     lines = head.split(b"\r\n")
     assert lines[1].startswith(b"Host: ")
     names = [line.split(b":", 1)[0].lower() for line in lines[1:] if line]
-    for name in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"):
+    for name in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id",
+                 b"content-length"):
         assert names.count(name) == 1, name
-    assert b"content-length" not in names and b"expect" not in names
+    assert b"expect" not in names
     assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+
+
+# -- RequestHeads.build: framing, Host, Expect, the request id ------------------------------
+#
+# What the handler acts on, from the same pass that builds the head: the
+# framing (RFC 9112 section 6.1), the refusals (in this order: a coding other
+# than chunked 400, a Content-Length over limits.max_body_size 413, a bad
+# Host 400), Expect: 100-continue for a body, and the client's request id
+# when sane (the first one; else a new one, here rid-1).
+
+TE_REFUSED = ("BadRequestBody", "only Transfer-Encoding: chunked is accepted")
+TOO_LARGE = ("BodyTooLarge", f"request body over the limit of {LIMIT} bytes")
+BAD_HOST = ("BadHost", "invalid Host header")
+CL = b"Content-Length"
+TE = b"Transfer-Encoding"
+EXPECT = (b"Expect", b"100-continue")
+BODY = (CL, b"5")
+
+#: (id, headers, _build kwargs, expected: has_body, chunked, buffer, expect,
+#:  the last line before the blank one, Host line, rid, refusal)
+FACTS_TABLE: list[tuple[str, H, dict[str, object], dict[str, object]]] = [
+    ("no body", [], {}, {"body": False, "last": RID_LINE}),
+    ("Content-Length: 0 is no body, framed all the same", [(CL, b"0")], {},
+     {"body": False, "last": b"Content-Length: 0"}),
+    ("Content-Length", [BODY], {}, {"body": True, "last": b"Content-Length: 5"}),
+    ("content-length in lower case", [(b"content-length", b"5")], {},
+     {"body": True, "last": b"Content-Length: 5"}),
+    ("Content-Length re-emitted as a number", [(CL, b"007")], {},
+     {"body": True, "last": b"Content-Length: 7"}),
+    ("Content-Length at the limit", [(CL, b"%d" % LIMIT)], {},
+     {"body": True, "last": b"Content-Length: %d" % LIMIT}),
+    ("Content-Length over the limit: 413", [(CL, b"%d" % (LIMIT + 1))], {},
+     {"refusal": TOO_LARGE}),
+    ("chunked", [(TE, b"chunked")], {},
+     {"body": True, "chunked": True, "last": b"Transfer-Encoding: chunked"}),
+    ("chunked in any case, around spaces", [(b"TRANSFER-ENCODING", b" Chunked\t")], {},
+     {"body": True, "chunked": True, "last": b"Transfer-Encoding: chunked"}),
+    ("a coding other than chunked: 400", [(TE, b"gzip")], {}, {"refusal": TE_REFUSED}),
+    ("codings before chunked: 400", [(TE, b"gzip, chunked")], {}, {"refusal": TE_REFUSED}),
+    ("an empty Transfer-Encoding: 400", [(TE, b"")], {}, {"refusal": TE_REFUSED}),
+    ("the first Transfer-Encoding decides", [(TE, b"gzip"), (TE, b"chunked")], {},
+     {"refusal": TE_REFUSED}),
+    ("buffer_chunked_uploads, a media upload: collected, framed later",
+     [(TE, b"chunked")], {"buffer": lambda method, target: True},
+     {"body": True, "buffer": True, "last": RID_LINE}),
+    ("buffer_chunked_uploads, not a media upload: sent on chunked",
+     [(TE, b"chunked")], {"buffer": lambda method, target: False},
+     {"body": True, "chunked": True, "last": b"Transfer-Encoding: chunked"}),
+    ("buffer_chunked_uploads never asked about a Content-Length body", [BODY],
+     {"buffer": lambda method, target: pytest.fail("asked")},
+     {"body": True, "last": b"Content-Length: 5"}),
+    ("no Host: the listener's address", [], {}, {"host": b"Host: matrix.example.com:443"}),
+    ("an empty Host: the listener's address", [(b"Host", b"")], {},
+     {"host": b"Host: matrix.example.com:443"}),
+    ("Host without a port: the listener's added", [(b"host", b"hs.example")], {},
+     {"host": b"Host: hs.example:443"}),
+    ("Host with a port, any case of the name", [(b"HOST", b"Hs.Example:8448")], {},
+     {"host": b"Host: Hs.Example:8448"}),
+    ("the first Host", [(b"Host", b"a.example"), (b"Host", b"b.example")], {},
+     {"host": b"Host: a.example:443"}),
+    ("Host on a UNIX-socket listener: no port added", [(b"Host", b"hs.example")],
+     {"port": 0, "fallback": b"localhost"}, {"host": b"Host: hs.example"}),
+    *((f"Host {bad!r}: 400", [(b"Host", bad)], {}, {"refusal": BAD_HOST})
+      for bad in (b"a b", b"evil.example/x", b"user@hs.example", b"[::1", b"hs:443x")),
+    ("a bad coding is refused before a bad Host", [(TE, b"gzip"), (b"Host", b"a b")], {},
+     {"refusal": TE_REFUSED}),
+    ("a body over the limit is refused before a bad Host",
+     [(CL, b"%d" % (LIMIT + 1)), (b"Host", b"a b")], {}, {"refusal": TOO_LARGE}),
+    ("Expect: 100-continue with a body", [BODY, EXPECT], {},
+     {"body": True, "expect": True, "last": b"Content-Length: 5"}),
+    ("Expect: 100-continue, chunked", [EXPECT, (TE, b"chunked")], {},
+     {"body": True, "chunked": True, "expect": True, "last": b"Transfer-Encoding: chunked"}),
+    ("Expect in any case", [BODY, (b"EXPECT", b"100-Continue")], {},
+     {"body": True, "expect": True, "last": b"Content-Length: 5"}),
+    ("Expect: 100-continue without a body", [EXPECT], {}, {"expect": False}),
+    ("Expect: 100-continue with Content-Length: 0", [EXPECT, (CL, b"0")], {},
+     {"body": False, "expect": False, "last": b"Content-Length: 0"}),
+    ("another expectation", [BODY, (b"Expect", b"something-else")], {},
+     {"body": True, "expect": False, "last": b"Content-Length: 5"}),
+    ("the first Expect", [BODY, (b"Expect", b"x"), EXPECT], {},
+     {"body": True, "expect": False, "last": b"Content-Length: 5"}),
+    ("no Expect answered when the body is refused", [(CL, b"%d" % (LIMIT + 1)), EXPECT], {},
+     {"refusal": TOO_LARGE}),
+    ("request id absent: a new one", [], {}, {"rid": b"rid-1"}),
+    ("request id present and sane: the client's", [(b"X-Request-ID", b"abc-123")], {},
+     {"rid": b"abc-123"}),
+    ("request id, any case of the name", [(b"x-REQUEST-id", b"abc-123")], {},
+     {"rid": b"abc-123"}),
+    *((f"request id {bad!r}: a new one", [(b"X-Request-ID", bad)], {}, {"rid": b"rid-1"})
+      for bad in (b"", b"a b", b"a" * 129, b"abc\r\nX-Injected: 1", b"caf\xc3\xa9")),
+    ("request id duplicated: the first", [(b"X-Request-ID", b"one"), (b"x-request-id", b"two")],
+     {}, {"rid": b"one"}),
+    ("request id duplicated, the first insane: a new one, never the second",
+     [(b"X-Request-ID", b"o n e"), (b"X-Request-ID", b"two")], {}, {"rid": b"rid-1"}),
+    ("an underscore spelling is no request id (and is dropped)",
+     [(b"X_Request_ID", b"smuggled")], {}, {"rid": b"rid-1"}),
+    ("the request id of a refused request is the client's", [(b"X-Request-ID", b"abc"),
+                                                            (TE, b"gzip")], {},
+     {"rid": b"abc", "refusal": TE_REFUSED}),
+]
+
+
+@pytest.mark.parametrize(("headers", "kwargs", "expected"), [r[1:] for r in FACTS_TABLE],
+                         ids=[r[0] for r in FACTS_TABLE])
+def test_request_head_facts(headers: H, kwargs: dict[str, object],
+                            expected: dict[str, object]) -> None:
+    rid, (head, refusal, has_body, chunked, buffer, expect) = _build(
+        headers, **kwargs)  # type: ignore[arg-type]
+    assert rid == expected.get("rid", rid)
+    if "refusal" in expected:
+        assert refusal is not None and head == b""
+        assert (type(refusal).__name__, refusal.public) == expected["refusal"]
+        assert not (has_body or chunked or buffer or expect)
+        return
+    assert refusal is None
+    assert has_body is expected.get("body", False)
+    assert chunked is expected.get("chunked", False)
+    assert buffer is expected.get("buffer", False)
+    assert expect is expected.get("expect", False)
+    lines = head.split(b"\r\n")
+    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+    # The request id in the head is the one returned; framing comes last.
+    assert b"X-Request-ID: " + rid in lines
+    if "last" in expected:
+        assert lines[-3] == expected["last"]
+    if "host" in expected:
+        assert lines[1] == expected["host"]
+
+
+def test_request_head_asks_about_buffering_with_the_method_and_raw_target() -> None:
+    asked: list[tuple[str, str]] = []
+    target = "/_matrix/media/v3/upload?filename=a%2Fb"
+    _build([(TE, b"chunked")], method="POST", target=target,
+           buffer=lambda method, target: asked.append((method, target)) or True)
+    assert asked == [("POST", target)]
+
+
+def test_request_head_refusals_are_the_funnel_errors() -> None:
+    for headers, cls in (([(TE, b"gzip")], BadRequestBody),
+                         ([(CL, b"%d" % (LIMIT + 1))], BodyTooLarge),
+                         ([(b"Host", b"a b")], BadHost)):
+        _, (_, refusal, *_) = _build(headers)
+        assert type(refusal) is cls
 
 
 # -- host_with_port ----------------------------------------------------------------------

@@ -539,6 +539,39 @@ async def test_declared_body_over_limit_is_413_before_upstream() -> None:
             assert [len(r.body) for r in up.requests] == [1000]
 
 
+async def test_refused_heads_and_local_answers_carry_the_clients_request_id() -> None:
+    """The request id of a refused head comes from the same pass as the
+    refusal: the client's when sane, else a new one; local answers too."""
+    sane = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+    limits = "[limits]\nmax_body_size = 1000"
+    refused = {
+        # (a lone "gzip" is the parser's to refuse; this one is the gate's)
+        "coding": ("", _POST + b"Transfer-Encoding: gzip, chunked\r\n", 400),
+        "size": ("", _POST + b"Content-Length: 1001\r\n", 413),
+        "host": ("", b"GET /_matrix/client/versions HTTP/1.1\r\nHost: a@b\r\n", 400),
+        "404": ("", b"GET /nothing HTTP/1.1\r\nHost: matrix.test\r\n", 404),
+        "421": ('hosts = ["matrix.test"]',
+                b"GET /_matrix/client/versions HTTP/1.1\r\nHost: evil.example\r\n", 421),
+    }
+    async with recorder() as up:
+        for name, (listener, head, status) in refused.items():
+            toml = gate_toml(f"http://127.0.0.1:{up.port}", listener=listener, extra=limits)
+            async with running_gate(toml) as gate:
+                port = port_of(gate)
+                for sent, kept in ((b"X-Request-ID: rid-7.a\r\n", True),
+                                   (b"x-request-id: a b\r\n", False), (b"", False)):
+                    conn = await Conn.open(port)
+                    try:
+                        resp = await conn.request(head + sent + b"\r\n", timeout=5)
+                    finally:
+                        await conn.close()
+                    assert resp.status == status, (name, sent, resp.status)
+                    rid = resp.header_all("X-Request-ID")
+                    assert len(rid) == 1 and sane.fullmatch(rid[0]), (name, sent, rid)
+                    assert (rid[0] == "rid-7.a") is kept, (name, sent, rid)
+        assert up.connections == 0 and up.requests == []
+
+
 # -- hosts ------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -57,21 +58,28 @@ def _constant_for(fn: Any, name: bytes, value: bytes) -> Any:
 
 
 def ablate(names: list[str]) -> None:
-    from palpo_gate import headers, proxy, routing
+    from palpo_gate import headers, routing
 
     for name in names:
         if name == "route":
             _memo_method(routing.Router, "decide", lambda method, target: (method, target))
         elif name == "reqhead":
-            _memo_method(proxy.ListenerHandler, "_request_head",
-                         lambda request, method, target, client, rid: target)
+            # The one pass over the client's headers (head, checks, request id);
+            # what _request_head does with its result stays.
+            _memo_method(headers.RequestHeads, "build",
+                         lambda method, target, raw, client, trusted: (method, target, client,
+                                                                       trusted))
         elif name == "resphead":
             headers.response_block = _first_result(headers.response_block)
         elif name == "rid":
-            # A request id without looking for the client's, checking or making one.
-            headers.header_value = _constant_for(headers.header_value, b"x-request-id",
-                                                 headers.new_request_id())
+            # A request id without looking for the client's, checking or making
+            # one (local answers); forwarded requests look for it in the head's
+            # pass, which remains: only making one is left out.
+            rid = headers.new_request_id()
+            headers.header_value = _constant_for(headers.header_value, b"x-request-id", rid)
             headers.sane_request_id = lambda value: True
+            # RequestHeads(..., buffer_upload=None, new_id=new_request_id)
+            headers.RequestHeads.__init__.__defaults__ = (None, itertools.repeat(rid).__next__)
         elif name == "protocol":
             # aiohttp's own data_received instead of the head-timeout override
             # (which also cancels the keep-alive timer on every request).
@@ -326,12 +334,11 @@ def cmd_micro(args: argparse.Namespace) -> int:
         "request id: header_value + sane + new": lambda: (
             headers.sane_request_id(headers.header_value(raw, gen.rid_lower))
             or headers.new_request_id()),
-        "request head: ListenerHandler._request_head": lambda: handler._request_head(
-            request, "GET", target, HOST, rid),
-        "request head: build_request_head only": lambda: headers.build_request_head(
-            b"GET", target.encode(), raw, client_addr=HOST, peer_trusted=False,
-            proto=b"http", host=b"127.0.0.1:8008", request_id_name=gen.rid_name,
-            request_id=rid, framing=b""),
+        "request head: RequestHeads.build + ListenerHandler._request_head": lambda: (
+            handler._request_head(request, handler.heads.build("GET", target, raw, HOST,
+                                                               False)[1])),
+        "request head: RequestHeads.build only (request id included)": lambda: (
+            handler.heads.build("GET", target, raw, HOST, False)),
         "response head: response_block": lambda: headers.response_block(
             up_headers, gen.rid_name, rid),
         "pool checkout: acquire coroutine + release": pool_checkout,
