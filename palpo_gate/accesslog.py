@@ -54,8 +54,10 @@ a value runs to the next ``&``: splitting on ``;`` would leave the part of a
 token after a ``;`` in the log. An empty value stays empty. Everything else
 in the target stays byte for byte as the client sent it.
 
-Cost: the timestamps are formatted once a second, listener names once, and a
-target with neither ``%`` nor a secret name in its query is not split; a
+Cost: the timestamps are formatted once a second, listener names once, a
+target with neither ``%`` nor a secret name in its query is not split, and a
+plain line is checked for what needs escaping once over all its fields (a
+line with nothing to escape, nearly every one, escapes no field); a
 line is one non-blocking ``write(2)`` on stdout through :mod:`logpipe`,
 which stays whole when several workers share the stream (up to PIPE_BUF
 bytes) and never holds the event loop when nothing reads stdout.
@@ -321,6 +323,29 @@ class AccessLog:
     def _plain(self, request: Any, names: tuple[str, str], client: str, rec: Any,
                status: int, bytes_out: int, duration_ms: float, rid: str,
                agent: str | None, referer: str | None) -> str:
+        method = request.method
+        target = redact_target(request.raw_path)
+        ref = redact_target(referer) if referer else "-"
+        ag = agent or "-"
+        error = rec.error
+        # The checks of escape() and escape_bare() once over all fields instead
+        # of once per field: nearly every line needs no escaping at all; one
+        # that does is made by _plain_escaped (the same bytes either way).
+        bare = f"{client}{rid}{error}"
+        fields = f"{method} {target} {ref} {ag} {bare}"
+        if not (fields.isascii() and fields.isprintable() and '"' not in fields
+                and "\\" not in fields and " " not in bare):
+            return self._plain_escaped(request, names, client, rec, status, bytes_out,
+                                       duration_ms, rid, agent, referer)
+        return (f'{client or "-"} - - [{self._clock.plain}] "{method} {target} '
+                f'{_protocol(request.version)}" {status} {bytes_out} "{ref}" "{ag}" '
+                f'listener={names[0]} upstream_status={rec.upstream_status or "-"} '
+                f'bytes_in={rec.bytes_in} duration={duration_ms / 1000.0:.3f} '
+                f'rid={rid or "-"}{" error=" + error if error else ""}\n')
+
+    def _plain_escaped(self, request: Any, names: tuple[str, str], client: str, rec: Any,
+                       status: int, bytes_out: int, duration_ms: float, rid: str,
+                       agent: str | None, referer: str | None) -> str:
         line = (f'{escape_bare(client) or "-"} - - [{self._clock.plain}] '
                 f'"{escape(request.method)} {escape(redact_target(request.raw_path))} '
                 f'{_protocol(request.version)}" {status} {bytes_out} '

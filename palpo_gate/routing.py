@@ -23,6 +23,12 @@ Two readings of a path are made; see docs/DESIGN.md ("Routing"):
   or outside the prefix the first reading matched, the request is refused
   (400). It is only made when a dot segment could appear in it at all.
 
+A decision depends on nothing but the method (whether it is forwarded at all,
+and ``OPTIONS`` for ``*``), the path before ``?`` and whether the target has a
+``#``; so each :class:`Router` remembers the decisions of the paths it has
+read (bounded, see :data:`MEMO_ENTRIES`), and a request on a common fixed path
+(``/sync``, ``/versions``, ``/keys/query``) costs one dict lookup.
+
 Pure: no sockets, no aiohttp. Tested with tables in ``tests/test_routing.py``.
 """
 
@@ -78,6 +84,17 @@ _WELL_KNOWN_CLIENT = "/.well-known/matrix/client"
 _WELL_KNOWN_PREFIX = "/.well-known/matrix"
 #: Paths whose error bodies are Matrix JSON with CORS headers (docs/DESIGN.md section 5).
 _MATRIX_ROOTS = ("/_matrix", "/_palpo", "/_synapse", _WELL_KNOWN_PREFIX)
+
+
+#: The most decisions one Router remembers; when full, it forgets them all.
+#: Clearing rather than evicting one at a time keeps a hit to one lookup (an
+#: LRU would reorder on every hit) and a miss to one more ``len``; a client
+#: sending unique paths costs one clear per this many requests, after which
+#: the common paths come back on their next request.
+MEMO_ENTRIES = 2048
+#: Longer paths (and paths that are not ASCII) are decided every time: they
+#: are not the common fixed paths, and this bounds a full memo to ~1.4 MiB.
+MEMO_PATH_MAX = 256
 
 
 def _prefix_re(prefixes: tuple[str, ...], flags: int = 0) -> re.Pattern[str]:
@@ -179,7 +196,7 @@ def _strip_params(path: str) -> str:
 class Router:
     """The routing table of one listener, built once at load."""
 
-    __slots__ = ("_admin", "_forward", "_well_known")
+    __slots__ = ("_admin", "_forward", "_memo", "_well_known")
 
     def __init__(self, prefixes: tuple[str, ...], blocked_prefixes: tuple[str, ...],
                  well_known: bool) -> None:
@@ -191,6 +208,9 @@ class Router:
         # Matched against the lower-cased path: case-insensitive.
         self._admin = _prefix_re(tuple(p.lower() for p in blocked_prefixes))
         self._well_known = well_known
+        #: raw path (before '?') → its decision, for the forwarded methods.
+        #: Per Router: a reload builds a new one, with its own prefixes.
+        self._memo: dict[str, Decision] = {}
 
     def decide(self, method: str, target: str) -> Decision:
         if method not in _METHODS:
@@ -207,6 +227,19 @@ class Router:
         if "#" in target:
             return Decision(Action.BAD_REQUEST, raw_path.split("#", 1)[0],
                             "fragment in request target", _is_matrix(raw_path))
+        # From here on the decision depends on raw_path alone.
+        memo = self._memo
+        decision = memo.get(raw_path)
+        if decision is None:
+            decision = self._decide_path(raw_path)
+            if len(raw_path) <= MEMO_PATH_MAX and raw_path.isascii():
+                if len(memo) >= MEMO_ENTRIES:
+                    memo.clear()
+                memo[raw_path] = decision
+        return decision
+
+    def _decide_path(self, raw_path: str) -> Decision:
+        """The decision on an origin-form path without ``?`` or ``#``, for a forwarded method."""
         try:
             path = normalise(raw_path)
         except BadTarget as exc:

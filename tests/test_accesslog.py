@@ -233,6 +233,38 @@ def test_plain_escapes_every_field_a_client_or_operator_controls() -> None:
     assert out.count('"') == 6
 
 
+#: Values that need escaping in a quoted field, an unquoted one, or both, and
+#: ones that need none (the line is then written without escaping).
+TRICKY = [*(v for v, _, _ in ESCAPES), " ", "-", "a\x7fb", "\u2028", "x\udcff", '"',
+          "\\", "/x?access_token=s3cret&b=%22", "/x?%61ccess_token=a%20b&token=t\x01",
+          "/_matrix/client/v3/sync?since=s1", "https://c.example/?client_secret=x y"]
+PLAIN_FIELDS = ("method", "target", "agent", "referer", "client", "rid", "error")
+
+
+@pytest.mark.parametrize("field", PLAIN_FIELDS)
+def test_plain_line_without_escaping_is_the_escaped_line(field: str) -> None:
+    # A line is written without escaping only when escaping would change
+    # nothing: for each field and each value, the line equals the one made
+    # by escaping every field.
+    log = AccessLog("plain")
+    log._clock._set(1_700_000_000)
+    names = ("client", '"client"')
+    for value in TRICKY:
+        values = {"method": "GET", "target": "/_matrix/client/versions", "agent": None,
+                  "referer": None, "client": "192.0.2.7", "rid": "rid-1", "error": "",
+                  field: value}
+        request = types.SimpleNamespace(method=values["method"], raw_path=values["target"],
+                                        version=(1, 1))
+        rec = record(upstream_status=200, bytes_in=3, bytes_out=9, error=values["error"])
+        args = (request, names, values["client"], rec, 200, 9, 12.3456, values["rid"],
+                values["agent"], values["referer"])
+        out = log._plain(*args)
+        assert out == log._plain_escaped(*args), (field, value)
+        assert out.isascii() and out[:-1].isprintable() and out.count('"') == 6, (field, value)
+        if field in ("target", "referer"):  # the fields that are redacted
+            assert "s3cret" not in out
+
+
 def test_upstream_status_absent_in_plain_is_dash() -> None:
     m = PLAIN.match(line("plain", target="/nope", resp=web.Response(status=404, body=b"x")))
     assert m is not None

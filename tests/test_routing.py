@@ -374,3 +374,81 @@ def test_options_asterisk_advertises_the_forwarded_methods() -> None:
     assert ALLOW == "GET, HEAD, POST, PUT, DELETE, OPTIONS"
     assert set(FORWARDED_METHODS) == {m for m, _, a, _ in FORWARDED_METHOD_TABLE
                                       if a == "forward"}
+
+
+# -- remembered decisions (Router's memo) -----------------------------------------------
+
+#: Every target of the shared table with each forwarded method, and the odd ones
+#: a memo keyed on the path must not confuse: "*" by method, a '#' after the
+#: query, an unsupported method on a remembered path.
+MEMO_REQUESTS = [
+    *((m, t) for t, _, _ in targets.TARGETS for m in ("GET", "OPTIONS", "PUT")),
+    *(("GET", t) for t in targets.ABSOLUTE_FORM),
+    ("OPTIONS", "*"), ("GET", "*"),
+    ("GET", "/_matrix/client/versions?a=1#f"), ("GET", "/_matrix/client/versions#"),
+    ("TRACE", "/_matrix/client/versions"), ("get", "/_matrix/client/versions"),
+    ("GET", "/health?x#y"),
+]
+
+
+def _fresh_client() -> Router:
+    return Router(ROLE_PREFIXES["client"], DEFAULT_BLOCKED_PREFIXES, well_known=False)
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "interleaved"])
+def test_a_remembered_decision_equals_a_fresh_one(order: str) -> None:
+    requests = list(MEMO_REQUESTS)
+    if order == "backward":
+        requests.reverse()
+    elif order == "interleaved":
+        # Each request between two others, and every one asked again later.
+        requests = requests[::2] + requests[1::2] + requests[::-3]
+    router = _fresh_client()
+    for _ in range(2):
+        for method, target in requests:
+            assert router.decide(method, target) == _fresh_client().decide(method, target), (
+                method, target)
+
+
+def test_a_common_path_is_remembered_whatever_its_query() -> None:
+    router = _fresh_client()
+    first = router.decide("GET", "/_matrix/client/v3/sync?since=s1&timeout=30000")
+    assert first.action is Action.FORWARD
+    # The very same Decision: the second request was one lookup.
+    assert router.decide("GET", "/_matrix/client/v3/sync?since=s2") is first
+    assert router.decide("OPTIONS", "/_matrix/client/v3/sync") is first
+    assert "/_matrix/client/v3/sync" in router._memo
+
+
+def test_the_memo_stays_bounded_under_unique_paths() -> None:
+    from palpo_gate.routing import MEMO_ENTRIES
+
+    router = _fresh_client()
+    common = "/_matrix/client/versions"
+    for i in range(MEMO_ENTRIES * 3 + 7):
+        assert router.decide("GET", f"/_matrix/client/v3/rooms/!r{i}:hs/send/m/t{i}"
+                             ).action is Action.FORWARD
+        assert router.decide("GET", common).action is Action.FORWARD
+        assert len(router._memo) <= MEMO_ENTRIES
+    assert common in router._memo  # back after the last clear
+
+
+def test_long_and_non_ascii_paths_are_not_remembered() -> None:
+    from palpo_gate.routing import MEMO_PATH_MAX
+
+    router = _fresh_client()
+    longest = "/_matrix/" + "x" * (MEMO_PATH_MAX - len("/_matrix/"))
+    too_long = longest + "y"
+    for target in (too_long, "/_matrix/caf\xe9", longest):
+        assert router.decide("GET", target).action is Action.FORWARD
+    assert list(router._memo) == [longest]
+
+
+def test_each_router_remembers_its_own_decisions() -> None:
+    # A reload builds a new Router: what the old one remembered must not
+    # decide for the new prefixes.
+    client, narrow = _fresh_client(), Router(("/_matrix/client",), (), well_known=False)
+    assert _decide(client, "/_palpo/client/x") == "forward"
+    assert _decide(narrow, "/_palpo/client/x") == "not_found"
+    assert _decide(client, "/_palpo/admin") == "admin"
+    assert _decide(narrow, "/_palpo/admin") == "not_found"

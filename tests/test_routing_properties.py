@@ -130,3 +130,21 @@ def test_unreserved_characters_decide_the_same_however_spelled(
     assert first.action is second.action, (first, second)
     if first.action is not Action.BAD_REQUEST:  # a refusal names the raw path
         assert first.path == second.path
+
+
+#: One Router for the whole run, so that its memo fills with what earlier
+#: examples asked (and is cleared when full) while the property is checked.
+_REMEMBERING = Router(ROLE_PREFIXES["client"], DEFAULT_BLOCKED_PREFIXES, well_known=False)
+METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "get")
+
+
+@given(method=st.sampled_from(METHODS),
+       target=st.one_of(targets(), st.text(max_size=40),
+                        st.text(alphabet="/_matrix%2eE5cC.;?#*\\", max_size=30)))
+def test_a_decision_is_the_same_asked_again_or_by_a_fresh_router(
+        method: str, target: str) -> None:
+    fresh = Router(ROLE_PREFIXES["client"], DEFAULT_BLOCKED_PREFIXES, well_known=False)
+    first = _REMEMBERING.decide(method, target)
+    assert _REMEMBERING.decide(method, target) == first
+    assert fresh.decide(method, target) == first
+    assert fresh.decide(method, target) == first
