@@ -16,6 +16,7 @@ test's clients and upstreams do not count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import pathlib
 import random
@@ -23,6 +24,7 @@ import socket
 import time
 
 import httptools
+import pytest
 from support.client import Conn, Resp, fetch, get
 from support.gate import gate_toml, port_of, run_gate, running_gate
 from support.net import free_port
@@ -30,6 +32,7 @@ from support.recorder import Handler, Recorder, Req, recorder, response
 from test_forwarding import assert_matrix_error
 
 from palpo_gate import config as configmod
+from palpo_gate import upstream
 from palpo_gate.upstream import MAX_RESPONSE_HEAD, Pool
 
 KiB = 1024
@@ -490,6 +493,51 @@ async def test_a_client_that_stalls_after_a_fast_start_holds_little(
                 for conn in conns:
                     conn.writer.transport.abort()
     assert per_client < 300, f"{per_client:.0f} KiB per download stalled after a fast start"
+
+
+async def test_reads_grow_while_the_client_keeps_up_and_shrink_when_it_stops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spy on the pool's reads (the real ones: it records and calls on).
+    reads: list[int] = []
+    real = upstream.Connection.buffer_updated
+
+    def spy(self: upstream.Connection, nbytes: int) -> None:
+        reads.append(nbytes)
+        real(self, nbytes)
+
+    monkeypatch.setattr(upstream.Connection, "buffer_updated", spy)
+    block = b"z" * MiB
+
+    async def big(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG_BODY)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(BIG_BODY // MiB):
+                writer.write(block)
+                await writer.drain()
+
+    async with recorder() as up:
+        up.handler = big
+        async with running_gate(_toml(up)) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                await conn.send(get("/_matrix/media/v3/download/hs/big"))
+                got = 0
+                async with asyncio.timeout(30):
+                    while got < FAST_BODY:
+                        data = await conn.reader.read(4 * MiB)
+                        assert data
+                        got += len(data)
+                fast = list(reads)
+                # Now it stops reading: once the kernel holds what it can,
+                # the gate's reads are back to their smallest size.
+                conn.writer.transport.pause_reading()
+                await asyncio.sleep(2)
+                stalled = reads[len(fast):]
+            finally:
+                conn.writer.transport.abort()
+    large = sum(n for n in fast if n > 64 * KiB)
+    assert large > sum(fast) // 2, f"reads of a fast download: {sorted(set(fast))}"
+    assert stalled and max(stalled[-8:]) <= 64 * KiB, f"reads after the stall: {stalled[-8:]}"
 
 
 class _Digest:
