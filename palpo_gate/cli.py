@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
-    from .process import Worker
+    from .process import Worker, keep_large_pieces_on_the_heap
 
     worker = Worker.from_env()  # the one reading of this process's role
     who = f"palpo_gate[worker {worker.index}]" if worker is not None else "%(name)s"
@@ -96,6 +96,7 @@ def run(cfg: configmod.Config, c_parser: bool, path: str | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    keep_large_pieces_on_the_heap()
     try:
         return runner(serve(cfg, path, worker))
     except configmod.ConfigError as exc:

@@ -51,6 +51,28 @@ log = logging.getLogger("palpo_gate")
 _tasks: set[asyncio.Task[Any]] = set()
 
 
+def keep_large_pieces_on_the_heap() -> None:
+    """Let body pieces of up to 256 KiB come from the heap, and keep it.
+
+    glibc's malloc maps allocations of 128 KiB and more with an mmap of their
+    own and gives the top of the heap back to the kernel once 128 KiB of it
+    are free: every piece of a large upstream read (httptools copies it into
+    a new bytes object) would then fault in fresh zeroed pages, which costs
+    more CPU than the larger reads save (docs/DESIGN.md section 12). Raised
+    thresholds let freed pieces be reused. Called once, before the event
+    loop starts; elsewhere than glibc, nothing is done.
+    """
+    import ctypes  # here: only the serving process needs it
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 1024 * 1024)
+    mallopt(m_trim_threshold, 4 * 1024 * 1024)
+
+
 def start_task(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
     """Run *coro* as a named task that is kept referenced until it ends and
     whose unexpected exception is logged, not lost with the task."""

@@ -16,6 +16,9 @@ and read its keep-alive decision as for any other response: it answers
 
 from __future__ import annotations
 
+import array
+import fcntl
+import termios
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +32,14 @@ from .compat import StreamResponse
 #: piece of body (upstream._HIGH_WATER). The kernel's socket buffer, not this
 #: one, keeps a fast client busy.
 HIGH_WATER = 32 * 1024
+#: A client is behind, too, once this much waits in its socket's kernel send
+#: queue (TIOCOUTQ: not yet sent or not yet acknowledged), though the
+#: transport's buffer is empty: loopback and LAN send buffers autotune to
+#: megabytes. Telling the forward loop then drops the upstream's reads back
+#: to their smallest size (upstream.Connection.pause) before the kernel is
+#: full, so a client that stalls after a fast start is left holding one small
+#: piece, not a large one. Checked for body pieces only, not last ones.
+_QUEUE_HIGH = 256 * 1024
 _LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -36,14 +47,26 @@ def _gone() -> ConnectionResetError:
     return ConnectionResetError("client connection closed")
 
 
+_OUTQ = array.array("i", [0])
+
+
+def _queued(fd: int) -> int:
+    """Bytes in the socket's kernel send queue (0 if it cannot say)."""
+    try:
+        fcntl.ioctl(fd, termios.TIOCOUTQ, _OUTQ)
+    except OSError:
+        return 0
+    return _OUTQ[0]
+
+
 class ProxiedResponse(StreamResponse):
     """A response whose head bytes come from the upstream."""
 
     # Its own fields in slots: they stay out of the instance dict aiohttp's
     # StreamResponse fills, which keeps every attribute access cheap.
-    __slots__ = ("_block", "_chunked_out", "_client", "_code", "_drain_writer", "_finished",
-                 "_forced", "_keep", "_length", "_no_body", "_pending", "_reason_bytes",
-                 "_sent", "_writer")
+    __slots__ = ("_block", "_chunked_out", "_client", "_code", "_drain_writer", "_fd",
+                 "_finished", "_forced", "_keep", "_length", "_no_body", "_pending",
+                 "_reason_bytes", "_sent", "_writer")
 
     def __init__(self, status: int, reason: bytes, header_block: bytes,
                  length: int | None, no_body: bool) -> None:
@@ -63,6 +86,7 @@ class ProxiedResponse(StreamResponse):
         self._client: web.BaseRequest | None = None  # likewise, the request
         self._finished = False
         self._forced = False  # force_close() was called
+        self._fd = -1  # the client's socket, for its kernel send queue (-2: none)
 
     @property
     def keep_alive(self) -> bool:  # type: ignore[override]
@@ -151,7 +175,15 @@ class ProxiedResponse(StreamResponse):
         self._sent += len(data)
         if writer is not None:
             writer.output_size += len(data)
-        return transport.get_write_buffer_size() > HIGH_WATER
+        if transport.get_write_buffer_size() > HIGH_WATER:
+            return True
+        if last:
+            return False
+        fd = self._fd
+        if fd == -1:  # looked up at the first body piece: small responses never do
+            sock = transport.get_extra_info("socket")
+            fd = self._fd = sock.fileno() if sock is not None else -2
+        return fd >= 0 and _queued(fd) > _QUEUE_HIGH
 
     async def drain(self) -> None:  # type: ignore[override]
         """Wait until the client has taken what was written (backpressure)."""

@@ -15,7 +15,8 @@ Rules kept here:
 - a connection goes back to the pool only when :mod:`exchange` says it is
   reusable and the caller read the response whole; anything else closes it;
 - what one connection buffers is bounded: reads go into one buffer the pool
-  shares, sized to what the connection may still hold;
+  shares, sized to what the connection may still hold: 64 KiB, up to 256 KiB
+  while the client keeps up, and 64 KiB again once it falls behind;
 - every failure becomes one of the :mod:`errors` classes.
 """
 
@@ -33,9 +34,13 @@ __all__ = ["IDLE_EXPIRY", "MAX_RESPONSE_HEAD", "Connection", "Deadlines", "Pool"
 #: The most response body one connection buffers while the client is not
 #: taking it. It is also the largest read: a read never asks for more than the
 #: room left, and reading pauses when there is none. What a stalled download
-#: costs (with response._HIGH_WATER on the client side) is bounded by it, and
-#: 64 KiB reads keep loopback downloads at full speed.
+#: costs (with response._HIGH_WATER on the client side) is bounded by it.
 _HIGH_WATER = 64 * 1024
+#: The largest read, reached by doubling from _HIGH_WATER while the client
+#: takes every piece without falling behind; the first time it falls behind
+#: (the forward loop calls pause()) reads are _HIGH_WATER again. Fewer,
+#: larger pieces cost less CPU per byte (docs/DESIGN.md section 12).
+_MAX_READ = 256 * 1024
 #: Idle pooled connections older than this are not reused: an upstream that
 #: times idle connections out (60 s is common) may be closing them right now,
 #: and a request written into that race cannot always be retried.
@@ -48,7 +53,7 @@ class Connection(asyncio.BufferedProtocol):
     # Slots: thousands of these are held during long-polls.
     __slots__ = (
         "_drain_waiter", "_exc", "_in_exchange", "_loop", "_pool", "_read_paused",
-        "_timer_key", "_waiter", "_write_paused", "closed", "exchange", "idle_since",
+        "_read_size", "_timer_key", "_waiter", "_write_paused", "closed", "exchange", "idle_since",
         "reused", "transport",
     )
 
@@ -66,6 +71,8 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
+        #: the largest read now: _HIGH_WATER .. _MAX_READ
+        self._read_size = _HIGH_WATER
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer_key = 0
@@ -81,11 +88,11 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # Never more than the room left below _HIGH_WATER: one read cannot
+        # Never more than the room left below the read size: one read cannot
         # take a connection past it (reading is paused once there is no room).
-        room = _HIGH_WATER - self.exchange.buffered
+        room = self._read_size - self.exchange.buffered
         view = self._pool.read_view
-        return view if room >= _HIGH_WATER else view[:max(room, 1)]
+        return view if room >= _MAX_READ else view[:max(room, 1)]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self._pool.read_view[:nbytes])
@@ -102,7 +109,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._fail(UpstreamBroken(exchange.error or "invalid response from upstream"))
                 self._close(abort=True)
                 return
-            if exchange.buffered >= _HIGH_WATER and not self._read_paused and self.transport:
+            if exchange.buffered >= self._read_size and not self._read_paused and self.transport:
                 self._read_paused = True
                 self.transport.pause_reading()
             self._wake()
@@ -154,6 +161,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def begin(self, head_only: bool) -> None:
         self._in_exchange = True
+        self._read_size = _HIGH_WATER
         self.exchange.start(head_only)
 
     def write(self, data: bytes) -> None:
@@ -224,6 +232,10 @@ class Connection(asyncio.BufferedProtocol):
         if self._read_paused and self.transport is not None:
             self._read_paused = False
             self.transport.resume_reading()
+        elif self._read_size < _MAX_READ:
+            # Asked again with no pause() since the last piece: the client
+            # took it without falling behind.
+            self._read_size *= 2
         exchange = self.exchange
         if exchange.body:
             return exchange.take()
@@ -233,7 +245,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause(self) -> None:
         """Read nothing more until the next :meth:`take`: the client is behind,
-        and what it has not taken is already held on its side."""
+        and what it has not taken is already held on its side. Reads are
+        back to _HIGH_WATER: a client that stalls holds no more than that."""
+        self._read_size = _HIGH_WATER
         if not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
@@ -338,7 +352,7 @@ class Pool:
         self._all: set[Connection] = set()
         #: every connection of this pool reads into this buffer: httptools
         #: copies what it keeps before the next read
-        self.read_view = memoryview(bytearray(_HIGH_WATER))
+        self.read_view = memoryview(bytearray(_MAX_READ))
         path = cfg.path
         self._unix_path = "\0" + path[1:] if path.startswith("@") else path
 

@@ -1,5 +1,6 @@
 """The benchmark's pure parts, with tables: wrk's report parsed into numbers,
-and the summary over rounds (medians, ratios to a base arm, the targets).
+the summary over rounds (medians, ratios to a base arm, the targets), and the
+workers scaling figures (CPU busy shares from /proc/stat, workers 2 / 1).
 
 bench/ is on sys.path (pyproject's ``pythonpath``), as it is for
 ``python bench/run.py``."""
@@ -9,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from palpo_bench import stats
+from palpo_bench import scaling, stats
 from palpo_bench.common import TARGETS
 from palpo_bench.wrk import parse_wrk
 
@@ -161,3 +162,60 @@ def test_targets_are_met_missed_or_not_measured() -> None:
     assert shown[("longpoll_completed", "all")] == "50/50 / 49/50"
     assert shown[("get_req_per_cpu_s", "ratio")] == "0.50x nginx"
     assert shown[("get_p99_ms", "bare")] == "n/a"
+
+
+# -- workers scaling -----------------------------------------------------------------------
+
+PROC_STAT_0 = """\
+cpu  300 0 100 1000 0 0 0 0 0 0
+cpu0 200 0 50 400 0 0 0 0 0 0
+cpu1 100 0 50 600 0 0 0 0 0 0
+intr 12345
+ctxt 678
+"""
+# CPU 0: 100 more busy ticks of 100; CPU 1: 40 user + 20 system + 10 steal busy, 80 idle
+# + 10 iowait not: 70 of 160.
+PROC_STAT_1 = """\
+cpu  420 0 140 1080 10 0 0 10 0 0
+cpu0 280 0 70 400 0 0 0 0 0 0
+cpu1 140 0 70 680 10 0 0 10 0 0
+"""
+
+
+def test_cpu_busy_shares_from_proc_stat() -> None:
+    before, after = scaling.parse_proc_stat(PROC_STAT_0), scaling.parse_proc_stat(PROC_STAT_1)
+    assert before == {0: (250, 650), 1: (150, 750)}  # the "cpu" total line is not a CPU
+    busy = scaling.busy_shares(before, after)
+    assert busy[0] == pytest.approx(1.0)
+    assert busy[1] == pytest.approx(70 / 160)  # iowait is idle, steal is busy
+    assert scaling.busy_shares(after, after) == {0: 0.0, 1: 0.0}
+
+
+def run_of(rps: float, cpu: float, busy0: float, busy1: float) -> dict[str, Any]:
+    return {"rps": rps, "cpu_us_per_req": cpu, "gate_cores": 1.2, "wrk_cores": 0.4,
+            "upstream_cores": 0.3, "p99_ms": 2.0, "cpu_busy": {0: busy0, 1: busy1}}
+
+
+def test_scaling_ratios_per_round_and_the_limit() -> None:
+    rounds = [{"round": 1, "1": run_of(1000, 100, 0.7, 1.0), "2": run_of(1500, 110, 1.0, 1.0)},
+              {"round": 2, "1": run_of(1000, 100, 0.7, 1.0), "2": run_of(1300, 120, 0.99, 1.0)},
+              {"round": 3, "1": run_of(0, 100, 0.7, 1.0)}]  # workers 2 failed: no ratio
+    sc = scaling.summarise(rounds)
+    assert sc["ratio_2_to_1"]["rps"]["per_round"] == [1.5, 1.3]
+    assert sc["ratio_2_to_1"]["rps"]["median"] == pytest.approx(1.4)
+    assert sc["ratio_2_to_1"]["cpu_us_per_req"]["per_round"] == [1.1, 1.2]
+    assert sc["medians"]["1"]["rps"] == 1000
+    assert sc["medians"]["2"]["cpu_busy"] == {0: pytest.approx(0.995), 1: 1.0}
+    assert sc["limit"].startswith("every CPU busy")
+    assert "gate used 1.20 cores" in sc["limit"]
+
+
+@pytest.mark.parametrize(("busy", "verdict"), [
+    ({0: 1.0, 1: 0.5}, "CPU 0 saturated"),
+    ({0: 0.5, 1: 0.6}, "no CPU saturated"),
+])
+def test_scaling_limit_names_the_saturated_cpu(busy: dict[int, float], verdict: str) -> None:
+    med = {"2": {"gate_cores": 1.0, "wrk_cores": None, "upstream_cores": None,
+                 "cpu_busy": busy}}
+    assert scaling.limit_note(med).startswith(verdict)
+    assert scaling.limit_note({"2": {}}) == "not measured"

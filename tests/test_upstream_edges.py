@@ -5,7 +5,9 @@
 - the upstream's response head is capped (memory, and httptools' quadratic
   joining of a long header value);
 - a HEAD response leaves its upstream connection reusable;
-- a client that stops reading holds a bounded amount of memory.
+- a client that stops reading holds a bounded amount of memory, also when
+  it stops after reading fast;
+- a fast download arrives byte for byte (Content-Length and chunked).
 
 Memory is measured on a gate process of its own (``run_gate``), so that the
 test's clients and upstreams do not count.
@@ -14,11 +16,15 @@ test's clients and upstreams do not count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import pathlib
+import random
 import socket
 import time
 
+import httptools
+import pytest
 from support.client import Conn, Resp, fetch, get
 from support.gate import gate_toml, port_of, run_gate, running_gate
 from support.net import free_port
@@ -26,6 +32,7 @@ from support.recorder import Handler, Recorder, Req, recorder, response
 from test_forwarding import assert_matrix_error
 
 from palpo_gate import config as configmod
+from palpo_gate import upstream
 from palpo_gate.upstream import MAX_RESPONSE_HEAD, Pool
 
 KiB = 1024
@@ -422,6 +429,183 @@ async def test_stalled_downloads_hold_little_memory_each(tmp_path: pathlib.Path)
                 for s in socks:
                     s.close()
     assert per_client < 300, f"{per_client:.0f} KiB per stalled download"
+
+
+async def _settled_rss(pid: int, timeout: float = 30) -> int:
+    """The gate's RSS once it has not moved for 2 s."""
+    last, settled_at, deadline = -1, time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        rss = _rss_kib(pid)
+        if rss != last:
+            last, settled_at = rss, time.monotonic()
+        elif time.monotonic() - settled_at > 2:
+            break
+    return _rss_kib(pid)
+
+
+FAST_THEN_STALLED = 40
+FAST_START = 4 * MiB
+
+
+async def test_a_client_that_stalls_after_a_fast_start_holds_little(
+        tmp_path: pathlib.Path) -> None:
+    # A client that read fast (large socket buffers, reads at full size on
+    # both legs) and then stops: what the gate keeps for it falls back to
+    # the bound of a client that never read.
+    block = b"y" * MiB
+
+    async def big(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if req.target.endswith(b"/warm-up"):
+            writer.write(response(200, b"warm"))
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % BIG_BODY)
+        for _ in range(BIG_BODY // MiB):
+            writer.write(block)
+            await writer.drain()
+
+    conns: list[Conn] = []
+    async with recorder() as up:
+        up.handler = big
+        port = free_port()
+        with run_gate(_toml(up, port=port, limits='body_timeout = "120s"'), tmp_path) as gp:
+            pid = gp.proc.pid
+            try:
+                for _ in range(3):
+                    assert (await fetch(port, get("/_matrix/warm-up"))).body == b"warm"
+                rss_before = await _settled_rss(pid)
+                for _ in range(FAST_THEN_STALLED):
+                    conn = await Conn.open(port)
+                    conns.append(conn)
+                    await conn.send(get("/_matrix/media/v3/download/hs/big"))
+                    got = 0
+                    async with asyncio.timeout(30):
+                        while got < FAST_START:  # as fast as it comes, then never again
+                            data = await conn.reader.read(MiB)
+                            assert data
+                            got += len(data)
+                    # The stream reader stops reading from the socket past its limit.
+                    conn.writer.transport.pause_reading()
+                per_client = (await _settled_rss(pid) - rss_before) / FAST_THEN_STALLED
+                assert (await fetch(port, get("/health"))).status == 200
+            finally:
+                for conn in conns:
+                    conn.writer.transport.abort()
+    assert per_client < 300, f"{per_client:.0f} KiB per download stalled after a fast start"
+
+
+async def test_reads_grow_while_the_client_keeps_up_and_shrink_when_it_stops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A spy on the pool's reads (the real ones: it records and calls on).
+    reads: list[int] = []
+    real = upstream.Connection.buffer_updated
+
+    def spy(self: upstream.Connection, nbytes: int) -> None:
+        reads.append(nbytes)
+        real(self, nbytes)
+
+    monkeypatch.setattr(upstream.Connection, "buffer_updated", spy)
+    block = b"z" * MiB
+
+    async def big(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG_BODY)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(BIG_BODY // MiB):
+                writer.write(block)
+                await writer.drain()
+
+    async with recorder() as up:
+        up.handler = big
+        async with running_gate(_toml(up)) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                await conn.send(get("/_matrix/media/v3/download/hs/big"))
+                got = 0
+                async with asyncio.timeout(30):
+                    while got < FAST_BODY:
+                        data = await conn.reader.read(4 * MiB)
+                        assert data
+                        got += len(data)
+                fast = list(reads)
+                # Now it stops reading: once the kernel holds what it can,
+                # the gate's reads are back to their smallest size.
+                conn.writer.transport.pause_reading()
+                await asyncio.sleep(2)
+                stalled = reads[len(fast):]
+            finally:
+                conn.writer.transport.abort()
+    large = sum(n for n in fast if n > 64 * KiB)
+    assert large > sum(fast) // 2, f"reads of a fast download: {sorted(set(fast))}"
+    assert stalled and max(stalled[-8:]) <= 64 * KiB, f"reads after the stall: {stalled[-8:]}"
+
+
+class _Digest:
+    """httptools callbacks: the status and the sha256 of the body as it comes."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.done = False
+        self.chunked = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
+            self.chunked = True
+
+    def on_body(self, body: bytes) -> None:
+        self.sha.update(body)
+        self.size += len(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+FAST_BODY = 32 * MiB
+
+
+async def test_a_fast_download_arrives_byte_exact() -> None:
+    rng = random.Random(12)
+    body = rng.randbytes(FAST_BODY)
+    expected = hashlib.sha256(body).hexdigest()
+
+    async def serve(req: Req, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        chunked = req.target.endswith(b"/chunked")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     + (b"Transfer-Encoding: chunked\r\n\r\n" if chunked
+                        else b"Content-Length: %d\r\n\r\n" % FAST_BODY))
+        pos, sizes = 0, random.Random(7)
+        while pos < FAST_BODY:
+            # Odd sizes, so that pieces and reads never line up.
+            n = min(sizes.randrange(1, 700_000), FAST_BODY - pos)
+            piece = body[pos:pos + n]
+            writer.write(b"%x\r\n%b\r\n" % (n, piece) if chunked else piece)
+            pos += n
+            await writer.drain()
+        if chunked:
+            writer.write(b"0\r\n\r\n")
+
+    async with recorder() as up:
+        up.handler = serve
+        async with running_gate(_toml(up)) as gate:
+            conn = await Conn.open(port_of(gate))
+            try:
+                for kind in ("length", "chunked"):
+                    got = _Digest()
+                    parser = httptools.HttpResponseParser(got)
+                    await conn.send(get(f"/_matrix/media/v3/download/hs/{kind}"))
+                    async with asyncio.timeout(60):
+                        while not got.done:
+                            data = await conn.reader.read(1 << 20)
+                            assert data, f"{kind}: the gate closed after {got.size} bytes"
+                            parser.feed_data(data)
+                    assert parser.get_status_code() == 200
+                    assert got.chunked == (kind == "chunked")
+                    assert (got.size, got.sha.hexdigest()) == (FAST_BODY, expected), kind
+            finally:
+                await conn.close()
+        assert up.connections == 1  # both on one upstream connection, reused
 
 
 

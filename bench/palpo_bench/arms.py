@@ -18,7 +18,6 @@ from palpo_bench.common import (
     BENCH_DIR,
     HOST,
     MEDIA_SIZE,
-    REPO_DIR,
     UPLOAD_SIZE,
     VERSIONS_JSON,
     MiB,
@@ -169,7 +168,7 @@ def start_gate(ctx: Ctx, upstream_port: int, prefix: list[str] | None = None,
     conf = workdir / "gate.toml"
     conf.write_text(gate_toml(ctx, upstream_port, ports))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)}
+        p for p in (str(ctx.args.gate_src), os.environ.get("PYTHONPATH", "")) if p)}
     if prefix:
         env["PYTHONHASHSEED"] = "0"  # the same dict layouts, run after run
     svc = launch("gate", [*pin(ctx.cpu_proxy), *(prefix or []), sys.executable, "-m",

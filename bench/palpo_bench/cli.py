@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from palpo_bench import scaling
 from palpo_bench.arms import (
     Ctx,
     make_cert,
@@ -26,9 +27,11 @@ from palpo_bench.arms import (
 from palpo_bench.common import (
     ARMS,
     BENCH_DIR,
+    FIGURE_GROUPS,
     FIGURES,
     MEDIA_SIZE,
     MODES,
+    REPO_DIR,
     UPLOAD_SIZE,
     VERSIONS_JSON,
     VERSIONS_PATH,
@@ -55,6 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.set_defaults(mode="full")
     ap.add_argument("--only", default=",".join(ARMS),
                     help="comma-separated arms to run, from direct,nginx,gate (default all)")
+    ap.add_argument("--only-figures", default=",".join(FIGURE_GROUPS), metavar="GROUPS",
+                    help="comma-separated figure groups to measure, from "
+                         f"{','.join(FIGURE_GROUPS)} (default all; idle RSS goes with "
+                         "longpolls)")
+    ap.add_argument("--gate-src", type=Path, default=REPO_DIR, metavar="DIR",
+                    help="the source tree the gate runs from (default this checkout): "
+                         "another checkout, to compare two versions on one host")
     ap.add_argument("--gate-workers", type=int, default=1, metavar="N",
                     help="the gate's server.workers (default 1)")
     ap.add_argument("--no-pin", action="store_true",
@@ -73,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="also count instructions per request of the gate and the bare "
                          "server under callgrind (and perf stat where the host has "
                          "counters), over N small GETs each (bench/instructions.py)")
+    ap.add_argument("--scaling", type=int, default=0, metavar="N",
+                    help="also N interleaved rounds of the gate's small GET with workers 1 "
+                         "and 2, unpinned, wrk and the upstream on CPU 0 (palpo_bench/scaling.py)")
     ap.add_argument("--instructions-conns", type=int, default=64, metavar="C",
                     help="keep-alive connections for --instructions (default 64, as wrk)")
     args = ap.parse_args(argv)
@@ -81,12 +94,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad or not arms:
         ap.error(f"--only: unknown arm(s) {bad}; choose from {','.join(ARMS)}")
     args.arms = [a for a in ARMS if a in arms]
+    groups = [g.strip() for g in args.only_figures.split(",") if g.strip()]
+    bad = [g for g in groups if g not in FIGURE_GROUPS]
+    if bad or not groups:
+        ap.error(f"--only-figures: unknown group(s) {bad}; choose from {','.join(FIGURE_GROUPS)}")
+    args.figure_groups = [g for g in FIGURE_GROUPS if g in groups]
+    if not (args.gate_src / "palpo_gate" / "__init__.py").is_file():
+        ap.error(f"--gate-src: no palpo_gate package in {args.gate_src}")
+    args.gate_src = args.gate_src.resolve()
     if args.gate_workers < 1:
         ap.error("--gate-workers must be >= 1")
-    if (args.rounds is not None and args.rounds < 0) or args.instructions < 0:
-        ap.error("--rounds and --instructions must be >= 0")
-    if args.rounds == 0 and not args.instructions:
-        ap.error("--rounds 0 measures nothing without --instructions N")
+    if (args.rounds is not None and args.rounds < 0) or args.instructions < 0 or args.scaling < 0:
+        ap.error("--rounds, --instructions and --scaling must be >= 0")
+    if args.rounds == 0 and not args.instructions and not args.scaling:
+        ap.error("--rounds 0 measures nothing without --instructions N or --scaling N")
     return args
 
 
@@ -148,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="palpo-bench-"))
     flags: list[str] = []
     inst: dict[str, Any] | None = None
+    scale: dict[str, Any] | None = None
     t0 = time.monotonic()
     log(f"{name}: mode {args.mode} {mode}, arms {args.arms}, temp dir {tmp}")
     try:
@@ -165,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(entry)
         if args.instructions:
             inst = measure_instructions(ctx)
+        if args.scaling:
+            scale = scaling.measure(ctx, args.scaling)
     finally:
         for svc in list(reversed(STARTED)):
             stop_service(svc, flags)
@@ -184,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "settings": {**dataclasses.asdict(mode), "pinning": pinning,
                      "gate_workers": args.gate_workers, "fd_limit": fd_limit,
+                     "figure_groups": args.figure_groups, "gate_src": str(args.gate_src),
                      "versions_json_bytes": len(VERSIONS_JSON), "media_bytes": MEDIA_SIZE,
                      "upload_bytes": UPLOAD_SIZE},
         "arms": args.arms,
@@ -200,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if inst is not None:
         result["instructions"] = inst
+    if scale is not None:
+        result["scaling"] = scale
     paths = write_results(result, args.out)
     print(paths["md"].read_text())
     log(f"done in {result['duration_s']} s: " + ", ".join(str(p) for p in paths.values()))

@@ -13,6 +13,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parents[1]
 REPO_DIR = BENCH_DIR.parent
 ARMS = ("direct", "nginx", "bare", "gate")
+#: what --only-figures may choose; idle RSS goes with the long-polls
+FIGURE_GROUPS = ("get", "tls", "download", "longpolls", "upload")
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -36,7 +36,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{s['transfer_s']} s per transfer figure · {s['longpolls']:,} long-polls "
                 f"held {s['hold_s']:g} s")
     else:
-        what = f"instructions per request only ({', '.join(arms)}; no wall-clock rounds)"
+        what = " and ".join(w for w, on in (("instructions per request", "instructions" in result),
+                                            ("workers scaling", "scaling" in result)) if on)
+        what += f" only ({', '.join(arms)}; no rounds of the arms)"
     lines = [
         f"# palpo_gate benchmark `{result['name']}`",
         "",
@@ -55,6 +57,10 @@ def markdown(result: dict[str, Any]) -> str:
         import instructions
 
         lines += ["", *instructions.markdown(result["instructions"])]
+    if "scaling" in result:
+        from palpo_bench import scaling
+
+        lines += ["", *scaling.markdown(result["scaling"], s["get_s"])]
     lines += ["", "## How these were measured", ""]
     lines += [f"- {note}" for note in result["notes"]]
     if result["flags"]:

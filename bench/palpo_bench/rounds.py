@@ -35,15 +35,18 @@ def guarded(ctx: Ctx, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str,
 def fast_phase(ctx: Ctx, arm: str, proxy: Service | None, ports: dict[str, int],
                rnd: int, download: bool = True) -> dict[str, Any]:
     tag = f"round {rnd} {arm}"
+    groups = ctx.args.figure_groups
     if ctx.mode.warmup_s:
         guarded(ctx, f"{tag} warm-up", lambda: run_wrk(ctx, url(ports["plain"], VERSIONS_PATH),
                                                      ctx.mode.warmup_s, 64))
     res: dict[str, Any] = {}
-    res |= guarded(ctx, f"{tag} small GET",
-                   lambda: measure_small_get(ctx, proxy, ports["plain"], False, f"{tag} GET"))
-    res |= guarded(ctx, f"{tag} TLS small GET",
-                   lambda: measure_small_get(ctx, proxy, ports["tls"], True, f"{tag} TLS GET"))
-    if download:
+    if "get" in groups:
+        res |= guarded(ctx, f"{tag} small GET",
+                       lambda: measure_small_get(ctx, proxy, ports["plain"], False, f"{tag} GET"))
+    if "tls" in groups:
+        res |= guarded(ctx, f"{tag} TLS small GET", lambda: measure_small_get(
+            ctx, proxy, ports["tls"], True, f"{tag} TLS GET"))
+    if download and "download" in groups:
         res |= guarded(ctx, f"{tag} download",
                        lambda: measure_download(ctx, proxy, ports["plain"], f"{tag} download"))
     return res
@@ -51,19 +54,24 @@ def fast_phase(ctx: Ctx, arm: str, proxy: Service | None, ports: dict[str, int],
 
 def slow_phase(ctx: Ctx, arm: str, proxy: Service | None, port: int, rnd: int) -> dict[str, Any]:
     tag = f"round {rnd} {arm}"
+    groups = ctx.args.figure_groups
     res: dict[str, Any] = {}
-    if proxy is not None:
-        res |= guarded(ctx, f"{tag} idle RSS", lambda: measure_idle_rss(proxy, port))
-    idle = res.get("_idle_rss_kib")
-    res |= guarded(ctx, f"{tag} long-polls",
-                   lambda: measure_longpolls(ctx, proxy, port, idle, f"{tag} long-polls"))
-    res |= guarded(ctx, f"{tag} upload",
-                   lambda: measure_upload(ctx, proxy, port, f"{tag} upload"))
+    if "longpolls" in groups:
+        if proxy is not None:
+            res |= guarded(ctx, f"{tag} idle RSS", lambda: measure_idle_rss(proxy, port))
+        idle = res.get("_idle_rss_kib")
+        res |= guarded(ctx, f"{tag} long-polls",
+                       lambda: measure_longpolls(ctx, proxy, port, idle, f"{tag} long-polls"))
+    if "upload" in groups:
+        res |= guarded(ctx, f"{tag} upload",
+                       lambda: measure_upload(ctx, proxy, port, f"{tag} upload"))
     return res
 
 
 def run_arm(ctx: Ctx, arm: str, rnd: int) -> dict[str, Any]:
     assert ctx.upstream is not None and ctx.slow is not None
+    groups = ctx.args.figure_groups
+    slow = "longpolls" in groups or "upload" in groups
     if arm == "direct":
         res = fast_phase(ctx, arm, None, ctx.upstream.ports, rnd)
         res |= slow_phase(ctx, arm, None, ctx.slow.ports["plain"], rnd)
@@ -71,16 +79,22 @@ def run_arm(ctx: Ctx, arm: str, rnd: int) -> dict[str, Any]:
     if arm == "bare":
         # The floor of the gate's stack answers from memory: small GETs and
         # idle RSS; there is nothing to download, upload or hold.
-        with running_proxy(ctx, arm, ctx.upstream) as proxy:
-            res = fast_phase(ctx, arm, proxy, proxy.ports, rnd, download=False)
-        with running_proxy(ctx, arm, ctx.upstream) as proxy:
-            res |= guarded(ctx, f"round {rnd} bare idle RSS",
-                           lambda: measure_idle_rss(proxy, proxy.ports["plain"]))
+        res = {}
+        if "get" in groups or "tls" in groups:
+            with running_proxy(ctx, arm, ctx.upstream) as proxy:
+                res = fast_phase(ctx, arm, proxy, proxy.ports, rnd, download=False)
+        if "longpolls" in groups:
+            with running_proxy(ctx, arm, ctx.upstream) as proxy:
+                res |= guarded(ctx, f"round {rnd} bare idle RSS",
+                               lambda: measure_idle_rss(proxy, proxy.ports["plain"]))
         return res
-    with running_proxy(ctx, arm, ctx.upstream) as proxy:
-        res = fast_phase(ctx, arm, proxy, proxy.ports, rnd)
-    with running_proxy(ctx, arm, ctx.slow) as proxy:
-        res |= slow_phase(ctx, arm, proxy, proxy.ports["plain"], rnd)
+    res = {}
+    if {"get", "tls", "download"} & set(groups):
+        with running_proxy(ctx, arm, ctx.upstream) as proxy:
+            res = fast_phase(ctx, arm, proxy, proxy.ports, rnd)
+    if slow:
+        with running_proxy(ctx, arm, ctx.slow) as proxy:
+            res |= slow_phase(ctx, arm, proxy, proxy.ports["plain"], rnd)
     return res
 
 
