@@ -42,7 +42,8 @@ class RequestHandler(web_protocol.RequestHandler):
     (heads parsed so far, refusals included), ``_request_in_progress``,
     ``_current_request``, ``_keepalive_handle`` (the idle timer),
     ``_message_tail`` (bytes after an upgrade), ``_upgraded``, ``_waiter``
-    (what the connection loop awaits between requests), ``_manager`` (the
+    (what the connection loop awaits between requests), ``_cache`` (its
+    cached properties, ``peername`` among them), ``_manager`` (the
     ``web.Server``) and, from ``base_protocol.BaseProtocol``,
     ``_reading_paused`` / ``_buffer_paused``.
     """
@@ -64,6 +65,13 @@ class RequestHandler(web_protocol.RequestHandler):
     def current_request(self) -> web.BaseRequest | None:
         """The request being handled, if any."""
         return self._current_request
+
+    def share_peername(self, peer: Any) -> None:
+        """Let aiohttp's ``peername`` (a property cached in ``_cache`` at the
+        first request) be *peer*, which the gate read at connection_made:
+        the transport makes a new tuple at every call, and a held connection
+        need not keep two."""
+        self._cache["peername"] = peer
 
     @property
     def upgraded(self) -> bool:

@@ -147,6 +147,7 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         # Once per connection rather than per request: the X-Forwarded-For value.
         peer = transport.get_extra_info("peername")
         self.client_addr = str(peer[0]) if isinstance(peer, tuple) else "unix:"
+        self.share_peername(peer)
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:

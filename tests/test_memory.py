@@ -9,12 +9,16 @@ prints one line per module imported on stderr.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import pathlib
 import re
 import ssl
 
-from support.gate import gate_toml, run_gate
+import uvloop
+from support.client import Conn
+from support.client import get as client_get
+from support.gate import gate_toml, port_of, run_gate, running_gate
 from support.net import free_port
 from support.upstream_thread import threaded_upstream
 
@@ -90,3 +94,30 @@ def test_rate_limits_load_their_library_at_the_first_count(tmp_path: pathlib.Pat
         conn.close()
     assert not loaded_before
     assert "limits" in top_level(imported(gp.stderr_lines))
+
+
+def test_a_held_connection_keeps_one_copy_of_its_peer_address() -> None:
+    """aiohttp asks the transport for the peer address again at the first
+    request, and uvloop's transport (the gate's loop) makes a new tuple per
+    call; a held long-poll keeps the one the gate read when the connection
+    came, and still completes."""
+
+    async def held() -> int:
+        with threaded_upstream(sync_hold=1.0) as upstream:
+            async with running_gate(gate_toml(upstream.url)) as gate:
+                conn = await Conn.open(port_of(gate))
+                await conn.send(client_get("/_matrix/client/v3/sync?timeout=30000", "localhost"))
+                deadline = asyncio.get_running_loop().time() + 10
+                while not upstream.requests:
+                    assert asyncio.get_running_loop().time() < deadline, "never forwarded"
+                    await asyncio.sleep(0.02)
+                (_, server, _), = gate.servers
+                handler, = server.connections
+                assert handler.current_request is not None  # held
+                assert handler.peername[0] is handler.client_addr
+                assert handler.current_request.remote == "127.0.0.1"
+                resp = await conn.read_response()
+                await conn.close()
+        return resp.status
+
+    assert uvloop.run(held()) == 200
