@@ -1,6 +1,7 @@
 """What the gate's process carries: libraries only a configured feature needs
 are not imported by a process that does not use them (each costs megabytes
-of RSS), and the features still work when they are used.
+of RSS), and the features still work when they are used; a held connection
+keeps one copy of what it needs.
 
 Imports are read the way an operator would check them: the real process
 started with ``PYTHONPROFILEIMPORTTIME=1`` (``python -X importtime``), which
