@@ -18,7 +18,7 @@ the counts live and what a refusal looks like. The client address comes from
   client and limit, in memory or in Redis), keyed by :func:`clients.limit_key`.
   The library (with what it pulls in, ~3 MiB of RSS) is imported when the
   first request is counted, not at start: a gate that is never asked to
-  count does not carry it.
+  count does not carry it (the supervisor's shared store loads it at start).
 - Storage: ``memory://`` keeps the counts in the process. With
   ``server.workers`` > 1 they live in the supervisor, once for all workers
   (:class:`SharedStore`; each worker asks it over a socket pair), so the
@@ -302,6 +302,9 @@ class SharedStore:
 
     def __init__(self) -> None:
         self.backend = memory_backend()
+        # Loaded now, not at the first count: a worker waits for the answer
+        # only STORAGE_TIMEOUT, and the import would take part of it.
+        self.backend.start()
         self.connections = _Connections()
         self.tasks: set[asyncio.Task[None]] = set()
         self._transports: list[asyncio.BaseTransport] = []
