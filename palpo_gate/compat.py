@@ -81,6 +81,13 @@ class RequestHandler(web_protocol.RequestHandler):
     buffer_paused = _Base._buffer_paused
     loop = _Base._loop
 
+    def share_peername(self, peer: Any) -> None:
+        """Let aiohttp's ``peername`` (a property cached in its ``_cache``
+        slot at the first request) be *peer*, which the gate read at
+        connection_made: the transport makes a new tuple at every call, and a
+        held connection need not keep two."""
+        self._cache["peername"] = peer
+
     def busy(self) -> bool:
         """A request is being handled or waits to be."""
         return self.request_in_progress or bool(self.messages)

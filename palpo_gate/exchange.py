@@ -66,6 +66,10 @@ IDEMPOTENT: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE
 
 _NO_BODY = frozenset({204, 304})
 
+#: The headers of a response not begun: the list is made at its first byte
+#: (:meth:`Exchange.on_message_begin`), so a held long-poll carries none.
+_NO_HEADERS: tuple[()] = ()
+
 
 def may_retry(method: str, reused: bool, got_bytes: bool, body_taken: int) -> bool:
     """Whether a request that failed before its response may be sent again,
@@ -125,8 +129,8 @@ class Exchange:
         #: a byte of a response came (an interim one too)
         self.got_bytes = False
         self.status = 0
-        self._reason = bytearray()
-        self.headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""  # bytes, not a bytearray: nothing to allocate until it comes
+        self.headers: list[tuple[bytes, bytes]] | tuple[()] = _NO_HEADERS
         #: the final response head is complete
         self.head_ready = False
         #: the response is complete (its end or, for HEAD, its head came)
@@ -149,7 +153,7 @@ class Exchange:
 
     def head(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """(status, reason, raw headers) of the final response."""
-        return self.status, bytes(self._reason), self.headers
+        return self.status, self._reason, self.headers  # type: ignore[return-value]
 
     def take(self) -> bytes:
         """The body bytes not yet taken (b"" if none)."""
@@ -237,7 +241,7 @@ class Exchange:
             # it must neither change the response being sent nor stay in the
             # pool half-parsed.
             raise _Overrun
-        self._reason.clear()
+        self._reason = b""
         self.headers = []
 
     def on_status(self, status: bytes) -> None:

@@ -151,6 +151,7 @@ class _HeadTimeoutProtocol(compat.RequestHandler):
         self.client_addr = str(peer[0]) if isinstance(peer, tuple) else "unix:"
         # What a client that stops reading holds on its side (response.HIGH_WATER).
         transport.set_write_buffer_limits(HIGH_WATER)  # type: ignore[attr-defined]
+        self.share_peername(peer)
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:

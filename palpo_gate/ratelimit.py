@@ -16,6 +16,9 @@ the counts live and what a refusal looks like. The client address comes from
   ``requests`` is set.
 - Counting: the ``limits`` library's sliding window counter (two counters per
   client and limit, in memory or in Redis), keyed by :func:`clients.limit_key`.
+  The library (with what it pulls in, ~3 MiB of RSS) is imported when the
+  first request is counted, not at start: a gate that is never asked to
+  count does not carry it (the supervisor's shared store loads it at start).
 - Storage: ``memory://`` keeps the counts in the process. With
   ``server.workers`` > 1 they live in the supervisor, once for all workers
   (:class:`SharedStore`; each worker asks it over a socket pair), so the
@@ -50,10 +53,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from limits import RateLimitItem
-from limits import parse as parse_limit
-from limits.aio.storage import MemoryStorage, RedisStorage
-from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from . import clients
 from .config import Config, Rate
@@ -110,41 +109,58 @@ class StorageDown(Exception):
 # -- storages --------------------------------------------------------------------------
 
 
-class _Memory(MemoryStorage):
+def _memory_storage() -> Any:
     """``limits``' in-process storage, sweeping expired counters at most once
     a second: the library starts a sweep of every key after each hit, which
     under many clients costs more than the hits themselves."""
+    from limits.aio.storage import MemoryStorage
 
-    _next_sweep = 0.0
+    class _Memory(MemoryStorage):
+        _next_sweep = 0.0
 
-    async def _MemoryStorage__schedule_expiry(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_sweep:
-            self._next_sweep = now + 1.0
-            await MemoryStorage._MemoryStorage__schedule_expiry(self)  # type: ignore[attr-defined]
+        async def _MemoryStorage__schedule_expiry(self) -> None:
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + 1.0
+                await MemoryStorage._MemoryStorage__schedule_expiry(self)  # type: ignore[attr-defined]
+
+    return _Memory()
 
 
-_items: dict[tuple[int, str], RateLimitItem] = {}
+_items: dict[tuple[int, str], Any] = {}  # limits.RateLimitItem by (amount, unit)
 
 
-def _item(amount: int, unit: str) -> RateLimitItem:
+def _item(amount: int, unit: str) -> Any:
     key = (amount, unit)
     item = _items.get(key)
     if item is None:
+        from limits import parse as parse_limit
+
         item = _items[key] = parse_limit(f"{amount}/{unit}")
     return item
 
 
 class _LimitsBackend:
-    """Counts in a ``limits`` storage: memory, or Redis."""
+    """Counts in a ``limits`` storage: memory, or Redis. The storage is made
+    by *make_storage* at the first hit (see the module's docstring)."""
 
-    def __init__(self, storage: Any, errors: tuple[type[BaseException], ...] = ()) -> None:
-        self.storage = storage
-        self.limiter = SlidingWindowCounterRateLimiter(storage)
+    def __init__(self, make_storage: Callable[[], Any],
+                 errors: tuple[type[BaseException], ...] = ()) -> None:
+        self._make_storage = make_storage
+        self.storage: Any = None
+        self.limiter: Any = None
         self._errors = errors
+
+    def start(self) -> None:
+        from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+        self.storage = self._make_storage()
+        self.limiter = SlidingWindowCounterRateLimiter(self.storage)
 
     async def hit(self, name: str, amount: int, unit: str, key: str) -> int:
         """0 if the hit is within the budget; else milliseconds until it may be."""
+        if self.limiter is None:
+            self.start()
         item = _item(amount, unit)
         try:
             if await self.limiter.hit(item, name, key):
@@ -159,11 +175,12 @@ class _LimitsBackend:
 
 
 def memory_backend() -> _LimitsBackend:
-    return _LimitsBackend(_Memory())
+    return _LimitsBackend(_memory_storage)
 
 
 def redis_backend(url: str) -> _LimitsBackend:
     """Counts in Redis through redis-py's asyncio client (never blocking the loop)."""
+    from limits.aio.storage import RedisStorage
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
@@ -175,7 +192,7 @@ def redis_backend(url: str) -> _LimitsBackend:
         socket_timeout=STORAGE_TIMEOUT, socket_connect_timeout=STORAGE_TIMEOUT,
         # No retries: a request is not held up; the next one tries again.
         retry=Retry(NoBackoff(), 0))
-    backend = _LimitsBackend(storage, (RedisError, OSError))
+    backend = _LimitsBackend(lambda: storage, (RedisError, OSError))
 
     async def close() -> None:
         with contextlib.suppress(Exception):
@@ -285,6 +302,9 @@ class SharedStore:
 
     def __init__(self) -> None:
         self.backend = memory_backend()
+        # Loaded now, not at the first count: a worker waits for the answer
+        # only STORAGE_TIMEOUT, and the import would take part of it.
+        self.backend.start()
         self.connections = _Connections()
         self.tasks: set[asyncio.Task[None]] = set()
         self._transports: list[asyncio.BaseTransport] = []
@@ -350,6 +370,8 @@ class _WorkerSide(asyncio.Protocol):
 
 class _SharedBackend:
     """A worker's counts, kept by the supervisor's :class:`SharedStore`."""
+
+    limiter = True  # nothing to load (see _LimitsBackend.start)
 
     def __init__(self, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -434,6 +456,9 @@ class RateLimits:
         if now < self._down_until:
             self.fail_open += 1
             return 0
+        if self._backend.limiter is None:
+            # The first count loads the library: outside the storage's timeout.
+            self._backend.start()
         try:
             async with asyncio.timeout(STORAGE_TIMEOUT):
                 wait = await self._backend.hit(name, rate.amount, rate.unit,

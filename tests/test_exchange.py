@@ -12,6 +12,7 @@ test_upstream_edges.py and test_edges.py.
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 import pytest
 from hypothesis import given
@@ -404,3 +405,30 @@ def test_a_stream_is_never_both_complete_and_overrun(
     order = [name for _, name in EVENTS]
     assert names == sorted(names, key=order.index)  # head, data, end, overrun, broken
     assert names.count("head") <= 1 and names.count("end") <= 1
+
+
+def test_an_exchange_waiting_for_its_response_is_small() -> None:
+    """A held long-poll keeps one Exchange per upstream connection while it
+    waits: its slots and an empty body list, no per-response containers
+    (the header list and the reason are made at the response's first byte).
+    An Exchange that made them up front took 340 bytes."""
+    waiting: list[Exchange] = []
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(1000):
+            ex = Exchange()
+            ex.start(False)
+            waiting.append(ex)
+        per_exchange = (tracemalloc.get_traced_memory()[0] - before) / len(waiting)
+    finally:
+        tracemalloc.stop()
+    assert per_exchange < 280, per_exchange
+    # and the first response on it still reads whole, on a reused one too
+    ex = waiting[0]
+    for _ in range(2):
+        events: list[Event] = []
+        _record(ex, ex.feed(OK_2), events)
+        assert events == [("head", 200, b"OK", [CL_2]), ("data", b"ok"), ("end",)]
+        ex.next_cycle()
+        ex.start(False)
