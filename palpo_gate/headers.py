@@ -285,6 +285,9 @@ class RequestHeads:
                      has_body and expect is not None and expect.lower() == b"100-continue")
 
 
+_KEEP_ALIVE = [b"keep-alive"]
+
+
 def response_block(headers: RawHeaders, request_id_name: bytes, request_id: bytes
                    ) -> tuple[bytes, int | None]:
     """The response header lines for the client, and the upstream's Content-Length.
@@ -307,7 +310,9 @@ def response_block(headers: RawHeaders, request_id_name: bytes, request_id: byte
             continue
         lines.append(b"%b: %b\r\n" % (name, value))
         lnames.append(lname)
-    if connection:
+    # nginx's (and most servers') ``Connection: keep-alive`` names nothing
+    # beyond the hop-by-hop headers: no tokenising for it.
+    if connection and connection != _KEEP_ALIVE:
         lines, _ = _drop_named(connection, lines, lnames)
     lines.append(b"%b: %b\r\n" % (request_id_name, request_id))
     return b"".join(lines), None if length is None else int(length)

@@ -652,3 +652,68 @@ def test_response_block(headers: H, rid_name: bytes, expected: H, length: int | 
     block, length_out = response_block(headers, rid_name, b"rid-1")
     assert block == _block(expected) + rid_name + b": rid-1\r\n"
     assert length_out == length
+
+
+# -- response_block against the rule, written out plainly --------------------------------
+
+
+def _rule_response(headers: H, rid_name: bytes) -> tuple[bytes, int | None]:
+    """RFC 9110 section 7.6.1 and the gate's own fields, the slow way: every
+    hop-by-hop header, every header named in any Connection header (any
+    case, every copy), Content-Length (the last is the length) and the
+    upstream's request id are dropped; the rest keeps order, case, values."""
+    named = {t.strip().lower() for n, v in headers if n.lower() == b"connection"
+             for t in v.split(b",")}
+    drop = {n.lower() for n in HOP_BY_HOP} | named | {b"content-length", rid_name.lower()}
+    lengths = [v for n, v in headers if n.lower() == b"content-length"]
+    kept = [(n, v) for n, v in headers if n.lower() not in drop]
+    return (_block(kept) + rid_name + b": rid-1\r\n",
+            int(lengths[-1]) if lengths else None)
+
+
+CT = (b"Content-Type", b"application/json")
+NGINX: H = [(b"Server", b"nginx"), (b"Date", b"Mon, 01 Jan 2024 00:00:00 GMT"), CT,
+            (b"Content-Length", b"240"), (b"Connection", b"keep-alive")]
+
+#: (name, upstream headers, request id header name)
+RULE_ROWS: list[tuple[str, H, bytes]] = [
+    ("nginx's head", NGINX, RID),
+    ("keep-alive first", [(b"Connection", b"keep-alive"), *NGINX[:3]], RID),
+    ("Keep-Alive spelled otherwise", [(b"connection", b"Keep-Alive"), CT], RID),
+    ("KEEP-ALIVE", [(b"CONNECTION", b"KEEP-ALIVE"), CT], RID),
+    ("keep-alive with spaces", [(b"Connection", b" keep-alive "), CT], RID),
+    ("keep-alive and a name", [(b"Connection", b"keep-alive, X-A"), (b"X-A", b"1"), CT], RID),
+    ("two Connection headers, the second names one",
+     [(b"Connection", b"keep-alive"), (b"X-A", b"1"), (b"Connection", b"x-a"), CT], RID),
+    ("two Connection: keep-alive", [(b"Connection", b"keep-alive"), CT,
+                                    (b"Connection", b"keep-alive")], RID),
+    ("keep-alive with a Keep-Alive header",
+     [(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"), CT], RID),
+    ("close", [(b"Connection", b"close"), CT, (b"Content-Length", b"0")], RID),
+    ("close names a header called Close", [(b"Connection", b"close"), (b"Close", b"x"), CT],
+     RID),
+    ("keep-alive never names a header", [(b"Connection", b"keep-alive"), (b"X-Keep", b"1")],
+     RID),
+    ("a name in odd case and whitespace",
+     [(b"Connection", b"\tX-a ,keep-alive,"), (b"x-A", b"1"), (b"X-A", b"2"), CT], RID),
+    ("Connection names Content-Length: its length still counts",
+     [(b"Connection", b"Content-Length"), (b"Content-Length", b"7"), CT], RID),
+    ("the request id in any case, every copy",
+     [(b"x-request-id", b"a"), CT, (b"X-REQUEST-ID", b"b"), (b"X-Request-Id", b"c")], RID),
+    ("a custom request id header and Connection naming X-Request-ID",
+     [(b"Connection", b"x-request-id"), (b"X-Request-ID", b"up"), (b"X-Trace", b"t")],
+     b"X-Trace"),
+    ("duplicates and Set-Cookie kept in order",
+     [(b"Set-Cookie", b"a=1"), (b"Connection", b"keep-alive"), (b"set-cookie", b"b=2"),
+      (b"Set-Cookie", b"a=1"), (b"Vary", b"Origin"), (b"Vary", b"Accept")], RID),
+    ("values with inner and trailing whitespace untouched",
+     [(b"X-A", b"a  b\t"), (b"Connection", b"keep-alive"), (b"X-B", b"")], RID),
+    ("every hop-by-hop header at once", [(n, HOP_VALUES[n]) for n in HOP_BY_HOP] + [CT], RID),
+    ("only keep-alive", [(b"Connection", b"keep-alive")], RID),
+]
+
+
+@pytest.mark.parametrize(("headers", "rid_name"), [r[1:] for r in RULE_ROWS],
+                         ids=[r[0] for r in RULE_ROWS])
+def test_response_block_keeps_the_rule(headers: H, rid_name: bytes) -> None:
+    assert response_block(headers, rid_name, b"rid-1") == _rule_response(headers, rid_name)
