@@ -261,10 +261,11 @@ class Exchange:
         framed = False  # by Content-Length or chunked
         codings: list[bytes] = []
         for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                framed = True
-            elif lname == b"transfer-encoding":
+            size = len(name)  # compared first: most names are neither
+            if size == 14:
+                if name.lower() == b"content-length":
+                    framed = True
+            elif size == 17 and name.lower() == b"transfer-encoding":
                 codings.append(value)
         if codings:
             if len(codings) > 1 or codings[0].strip().lower() != b"chunked":

@@ -41,6 +41,7 @@ _HIGH_WATER = 64 * 1024
 #: (the forward loop calls pause()) reads are _HIGH_WATER again. Fewer,
 #: larger pieces cost less CPU per byte (docs/DESIGN.md section 12).
 _MAX_READ = 256 * 1024
+_READ_SIZES = (_HIGH_WATER, 2 * _HIGH_WATER, _MAX_READ)
 #: Idle pooled connections older than this are not reused: an upstream that
 #: times idle connections out (60 s is common) may be closing them right now,
 #: and a request written into that race cannot always be retried.
@@ -90,9 +91,10 @@ class Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         # Never more than the room left below the read size: one read cannot
         # take a connection past it (reading is paused once there is no room).
-        room = self._read_size - self.exchange.buffered
-        view = self._pool.read_view
-        return view if room >= _MAX_READ else view[:max(room, 1)]
+        buffered = self.exchange.buffered
+        if not buffered:
+            return self._pool.read_views[self._read_size]  # no slice made per read
+        return self._pool.read_view[:max(self._read_size - buffered, 1)]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(self._pool.read_view[:nbytes])
@@ -353,6 +355,8 @@ class Pool:
         #: every connection of this pool reads into this buffer: httptools
         #: copies what it keeps before the next read
         self.read_view = memoryview(bytearray(_MAX_READ))
+        #: its first 64, 128 and 256 KiB (every read size a connection has)
+        self.read_views = {size: self.read_view[:size] for size in _READ_SIZES}
         path = cfg.path
         self._unix_path = "\0" + path[1:] if path.startswith("@") else path
 
