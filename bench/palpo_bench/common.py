@@ -113,8 +113,8 @@ TARGETS = (
     Target("download_mibps", "ratio", ">=", 1.0, "16 MiB download MiB/s ≥ 1.0x nginx"),
     Target("upload_mibps", "ratio", ">=", 1.0, "20 MiB upload MiB/s ≥ 1.0x nginx"),
     Target("longpoll_completed", "all", ">=", 1.0, "every held long-poll completes with 200"),
-    Target("rss_kib_per_held", "abs", "<=", 12.0, "RSS growth ≤ 12 KiB per held long-poll"),
-    Target("idle_rss_mib", "abs", "<=", 45.0, "idle RSS ≤ 45 MiB"),
+    Target("rss_kib_per_held", "abs", "<=", 9.0, "RSS growth ≤ 9 KiB per held long-poll"),
+    Target("idle_rss_mib", "abs", "<=", 35.0, "idle RSS ≤ 35 MiB"),
 )
 
 
