@@ -59,8 +59,7 @@ VARIANTS = ("raw", "bare", "minproxy", "gate", "gate-route", "gate-reqhead", "ga
 #: steps of a proxied request, and aiohttp's machinery around the handler.
 PYSPY_STEPS = {
     "route (Router.decide)": (("decide", "palpo_gate/routing.py"),),
-    "request head (RequestHeads.build, _request_head)": (
-        ("build", "palpo_gate/headers.py"), ("_request_head", "palpo_gate/proxy.py")),
+    "request head (RequestHeads.build)": (("build", "palpo_gate/headers.py"),),
     "response head (response_block)": (("response_block", "palpo_gate/headers.py"),),
     "request id (header_value/new_request_id/sane)": (
         ("header_value", "palpo_gate/headers.py"), ("__call__", "palpo_gate/headers.py"),
@@ -261,11 +260,13 @@ def drive(args: argparse.Namespace) -> int:
                 max(200, args.requests // 5), 3, common.log)
         if "micro" in only:
             conf = tmp / "micro.toml"
-            conf.write_text(arms.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443}))
+            conf.write_text(arms.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443,
+                                                    "metrics": 9090}))
             out_file = tmp / "callgrind" / "callgrind.micro"
             out_file.parent.mkdir(exist_ok=True)
             proc = subprocess.run([*instructions.callgrind_prefix(out_file), *me, "micro",
                                    "--config", str(conf), "--k", str(args.k),
+                                   "--steps", args.steps,
                                    "--out-file", str(out_file)],
                                   capture_output=True, text=True, env=env, timeout=1800)
             if proc.returncode != 0:
@@ -321,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--k", type=int, default=2000)
     p.add_argument("--out-file", required=True)
+    p.add_argument("--steps", default="")
     ap.add_argument("--only", help=f"comma-separated, from {','.join(VARIANTS)}")
     ap.add_argument("--requests", type=int, default=2000, help="small GETs per measurement")
     ap.add_argument("--conns", type=int, default=64, help="keep-alive connections")
     ap.add_argument("--k", type=int, default=2000, help="calls per micro-step")
+    ap.add_argument("--steps", default="",
+                    help="micro: only the steps whose names contain one of these (comma-separated)")
     ap.add_argument("--seconds", type=int, default=15, help="py-spy recording under wrk")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     ap.add_argument("--keep-tmp", action="store_true")
