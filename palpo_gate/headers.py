@@ -75,6 +75,28 @@ _COLON = ord(":")
 
 #: A valid Host: ``uri-host [ ":" port ]`` (RFC 9110 section 7.2): no '/', '@', spaces.
 _HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
+#: Hosts already found valid: clients send the same few, and a set lookup
+#: costs a fifth of the match. Bounded (emptied when full), and only short
+#: Hosts are kept, so a client sending a new Host per request costs at most
+#: _VALID_HOSTS_MAX x _VALID_HOST_LEN bytes and the match it costs anyway.
+#: Invalid ones are never kept: their answer is always the match's.
+_VALID_HOSTS: set[bytes] = set()
+_VALID_HOSTS_MAX = 1024
+_VALID_HOST_LEN = 128
+
+
+def valid_host(host: bytes) -> bool:
+    """Whether *host* is a valid Host value (:data:`_HOST_RE`), remembered
+    for the next request that sends it."""
+    if host in _VALID_HOSTS:
+        return True
+    if _HOST_RE.fullmatch(host) is None:
+        return False
+    if len(host) <= _VALID_HOST_LEN:
+        if len(_VALID_HOSTS) >= _VALID_HOSTS_MAX:
+            _VALID_HOSTS.clear()
+        _VALID_HOSTS.add(host)
+    return True
 
 
 def sane_request_id(value: bytes | None) -> bool:
@@ -91,15 +113,16 @@ class _RequestIds:
         os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
-        self._prefix = os.urandom(10).hex().encode()
+        #: the prefix in the format: an id is one ``%`` of one int, no tuple
+        self._format = os.urandom(10).hex().encode() + b"%012x"
         self._count = 0
 
     def __call__(self) -> bytes:
-        self._count += 1
-        if self._count > 0xFFFFFFFFFFFF:
+        count = self._count = self._count + 1
+        if count > 0xFFFFFFFFFFFF:
             self.reset()
-            self._count = 1
-        return b"%s%012x" % (self._prefix, self._count)
+            count = self._count = 1
+        return self._format % count
 
 
 new_request_id = _RequestIds()
@@ -252,7 +275,7 @@ class RequestHeads:
         else:
             framing = b"\r\n"
             has_body = False
-        if host is not None and _HOST_RE.fullmatch(host) is None:
+        if host is not None and host not in _VALID_HOSTS and not valid_host(host):
             return rid, (b"", BadHost("invalid Host header"), False, False, False, False)
         if connection:
             lines, named = _drop_named(connection, lines, lnames)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from palpo_gate import headers as headers_mod
 from palpo_gate.errors import BadHost, BadRequestBody, BodyTooLarge
 from palpo_gate.headers import (
     RequestHead,
@@ -16,6 +17,7 @@ from palpo_gate.headers import (
     new_request_id,
     response_block,
     sane_request_id,
+    valid_host,
 )
 
 H = list[tuple[bytes, bytes]]
@@ -582,6 +584,48 @@ def test_sane_request_id_accepts(value: bytes) -> None:
 @pytest.mark.parametrize("value", BAD_IDS)
 def test_sane_request_id_refuses(value: bytes | None) -> None:
     assert sane_request_id(value) is False
+
+
+#: Host values and whether they are valid (RFC 9110 section 7.2).
+HOSTS = [
+    b"example.org", b"example.org:8448", b"127.0.0.1:8008", b"[::1]:443", b"[::1]", b"",
+    b"EXAMPLE.org.", b"a" * 300, b"a" * 128, b"a" * 129 + b":1",
+    b"example.org/evil", b"user@example.org", b"exa mple.org", b"[::1", b"example.org:80x",
+    b"a" * 300 + b"@",
+]
+
+
+def test_valid_host_gives_the_matchs_answer_first_time_and_again() -> None:
+    headers_mod._VALID_HOSTS.clear()
+    for _ in range(3):
+        for host in HOSTS:
+            assert valid_host(host) is (headers_mod._HOST_RE.fullmatch(host) is not None), host
+    # Only valid, short ones are remembered.
+    assert headers_mod._VALID_HOSTS == {
+        h for h in HOSTS
+        if headers_mod._HOST_RE.fullmatch(h) and len(h) <= headers_mod._VALID_HOST_LEN}
+    assert b"a" * 300 not in headers_mod._VALID_HOSTS
+
+
+def test_valid_host_memory_is_bounded() -> None:
+    headers_mod._VALID_HOSTS.clear()
+    most = headers_mod._VALID_HOSTS_MAX
+    for i in range(3 * most + 7):
+        assert valid_host(b"h%d.example.org" % i)
+        assert len(headers_mod._VALID_HOSTS) <= most
+    assert valid_host(b"h1.example.org")  # forgotten or not: the same answer
+    assert not valid_host(b"h1.example.org/x")
+
+
+def test_a_remembered_host_does_not_let_an_invalid_one_through() -> None:
+    heads = RequestHeads(b"http", b"X-Request-Id", 8008, b"localhost", 1 << 20)
+    ok = [(b"Host", b"example.org")]
+    for _ in range(2):
+        _, (head, refusal, *_) = heads.build("GET", "/", ok, "10.0.0.1", False)
+        assert refusal is None and b"Host: example.org:8008\r\n" in head
+    _, (head, refusal, *_) = heads.build("GET", "/", [(b"Host", b"example.org/x")],
+                                         "10.0.0.1", False)
+    assert head == b"" and refusal is not None and refusal.status == 400
 
 
 def test_new_request_ids_are_sane_and_distinct() -> None:
