@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import clients, spool, wellknown
+from . import clients, compat, spool, wellknown
 from . import headers as hdr
 from .accesslog import AccessLog
 from .config import UNIX_PEER, Config, Listener, join_host_port
@@ -158,12 +158,15 @@ class ListenerHandler:
     def __call__(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         """Decide, then return the coroutine that answers: a plain function, so
         that a forwarded request runs one coroutine frame deep."""
-        method = request.method
-        target = request.raw_path
+        # The request's method, raw target, version and raw headers, as
+        # request.method, .raw_path, .version and .raw_headers give them.
+        message, protocol = compat.request_parts(request)
+        method = message.method
+        target = message.path
         decision = self.router.decide(method, target)
         action = decision.action
         gen = self.gen
-        version = request.version
+        version = message.version
         if version != (1, 1) and version != (1, 0):
             # Refused before the handler (server.py); kept for any path around it.
             return _ready(self._answer(VERSION_NOT_SUPPORTED, True, hdr.new_request_id()))
@@ -174,9 +177,9 @@ class ListenerHandler:
             if gen.metrics is not None:
                 gen.metrics.observe(self.name, "health", resp.status, 0.0, 0, 0)
             return _ready(resp)
-        protocol = request.protocol
-        client = getattr(protocol, "client_addr", None)
-        if client is None:
+        try:
+            client = protocol.client_addr  # read once per connection (listeners.py)
+        except AttributeError:
             client = _client_addr(request)
         # The connection address (TCP peer or PROXY header) is what X-Forwarded-For
         # appends; behind trusted proxies the client is further left (clients.py).
@@ -184,7 +187,7 @@ class ListenerHandler:
         trusted_set = self._trusted
         trusted = trusted_set is not None and peer in trusted_set
         if trusted:
-            client = clients.forwarded_client(peer, clients.xff_values(request.raw_headers),
+            client = clients.forwarded_client(peer, clients.xff_values(message.raw_headers),
                                               trusted_set)
         if self.acme is not None and target.startswith(_ACME_CHALLENGE):
             # RFC 8555 section 8.3, for any Host: answered here, never forwarded.
@@ -199,7 +202,7 @@ class ListenerHandler:
             if method != "OPTIONS" or not decision.matrix:
                 # The client's request id comes out of the head's one pass
                 # (its checks are made in _forward, through the funnel).
-                rid, req = self.heads.build(method, target, request.raw_headers, peer, trusted)
+                rid, req = self.heads.build(method, target, message.raw_headers, peer, trusted)
                 series = self._forward_series if action is _FORWARD else self._admin_series
                 rate = gen.rate
                 if rate is not None and (rate.every or (method == "POST" and rate.posts)):
@@ -402,7 +405,20 @@ class ListenerHandler:
             request.protocol.force_close()
             resp = rec.response or web.Response(status=499)
         finally:
-            self._done(request, rec, client, rid, series, started, resp)
+            # Release what the request held; its access line and metrics.
+            if (pump := rec.pump) is not None:
+                rec.bytes_in = pump.consumed
+                pump.cancel()
+            if rec.conn is not None:
+                rec.conn.finish(False)
+            if rec.spooled is not None:
+                rec.spooled.close()
+            access = self.gen.access
+            if access.enabled:
+                access.write(request, self.name, client, rec, started, rid, resp)
+            if series is not None:
+                series.observe(resp.status if resp is not None else 499,
+                               time.monotonic() - started, rec.bytes_in, rec.bytes_out)
         return resp
 
     async def _collect(self, request: web.BaseRequest, head: bytes, rec: _Record
@@ -446,24 +462,6 @@ class ListenerHandler:
             return rec.response
         return self._error(row.status, exc.public, matrix, rid, close=row.close,
                            errcode=row.errcode)
-
-    def _done(self, request: web.BaseRequest, rec: _Record, client: str, rid: bytes,
-              series: Series | None, started: float, resp: web.StreamResponse | None
-              ) -> None:
-        """Release what the request held; its access line and metrics."""
-        if (pump := rec.pump) is not None:
-            rec.bytes_in = pump.consumed
-            pump.cancel()
-        if rec.conn is not None:
-            rec.conn.finish(False)
-        if rec.spooled is not None:
-            rec.spooled.close()
-        access = self.gen.access
-        if access.enabled:
-            access.write(request, self.name, client, rec, started, rid, resp)
-        if series is not None:
-            series.observe(resp.status if resp is not None else 499,
-                           time.monotonic() - started, rec.bytes_in, rec.bytes_out)
 
 
 class _BodyPump:
@@ -528,7 +526,7 @@ class _BodyPump:
 
 class _Record:
     """What the access log says about one request, and what it holds while
-    it is forwarded (released by :meth:`ListenerHandler._done`)."""
+    it is forwarded (released at the end of :meth:`ListenerHandler._forward`)."""
 
     __slots__ = ("bytes_in", "bytes_out", "conn", "error", "pump", "response", "spooled",
                  "upstream_status")

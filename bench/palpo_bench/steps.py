@@ -371,7 +371,7 @@ def cmd_micro(args: argparse.Namespace) -> int:
 
     steps = {
         "empty": lambda: None,
-        "handler: __call__ + _forward + _done (a GET answered at once)": handler_get,
+        "handler: __call__ + _forward (a GET answered at once)": handler_get,
         "route: Router.decide": lambda: handler.router.decide("GET", target),
         "request id: header_value + sane + new": lambda: (
             headers.sane_request_id(headers.header_value(raw, gen.rid_lower))
