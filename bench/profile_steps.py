@@ -12,7 +12,8 @@ real. This tool measures, each under callgrind on the same small GET:
 * the gate as benchmarked, and the gate with one step *ablated*: replaced by
   a lookup of its result for the same request (``route``: the routing
   decision; ``reqhead``: the whole request-head step, checks and header rules;
-  ``resphead``: the response header rules), or with metrics or the access log
+  ``resphead``: the response header rules), or with metrics off (the bench
+  gate runs with them on) or the access log
   turned on; the difference to the gate is what the step costs in place;
 * micro-steps (``micro``): one call of a step, K times in a loop, inside one
   process under callgrind, minus the empty loop.
@@ -52,7 +53,7 @@ HOST = "127.0.0.1"
 VARIANTS = ("raw", "bare", "minproxy", "gate", "gate-route", "gate-reqhead", "gate-resphead",
             "gate-rid", "gate-protocol", "gate-route+reqhead+resphead+rid+protocol",
             "gate-gcoff", "gate-gcfreeze",
-            "gate+metrics", "gate+access", "micro", "py-spy", "py-spy-bare", "syscalls-gate",
+            "gate-metrics", "gate+access", "micro", "py-spy", "py-spy-bare", "syscalls-gate",
             "syscalls-bare")
 
 #: Functions whose inclusive share of the gate's samples py-spy reports: the
@@ -185,18 +186,19 @@ def drive(args: argparse.Namespace) -> int:
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO_DIR)}
     results: dict[str, Any] = {}
 
-    def gate_variant(ablations: str, metrics: bool = False, access: bool = False) -> Any:
+    def gate_variant(ablations: str, metrics: bool = True, access: bool = False) -> Any:
         def start(prefix: list[str]) -> Any:
             assert ctx.upstream is not None
             workdir = tmp / f"gate-{ctx.starts}"
             ctx.starts += 1
             workdir.mkdir()
-            ports = {"plain": procs.free_port(), "tls": procs.free_port()}
+            ports = {"plain": procs.free_port(), "tls": procs.free_port(),
+                     "metrics": procs.free_port()}
             toml = arms.gate_toml(ctx, ctx.upstream.ports["plain"], ports)
             if access:
                 toml = toml.replace('access = "off"', 'access = "plain"')
-            if metrics:
-                toml += f'\n[metrics]\nbind = "{HOST}:{procs.free_port()}"\n'
+            if not metrics:
+                toml = toml[:toml.index("\n[metrics]")] + "\n"
             conf = workdir / "gate.toml"
             conf.write_text(toml)
             svc = procs.launch("gate", [*procs.pin(cpu_proxy), *prefix, *me, "serve", "--ablate",
@@ -237,7 +239,7 @@ def drive(args: argparse.Namespace) -> int:
         "gate-gcfreeze": gate_variant("gcfreeze"),
         "gate-route+reqhead+resphead+rid+protocol": gate_variant(
             "route,reqhead,resphead,rid,protocol"),
-        "gate+metrics": gate_variant("", metrics=True),
+        "gate-metrics": gate_variant("", metrics=False),
         "gate+access": gate_variant("", access=True),
     }
     try:
