@@ -149,9 +149,8 @@ class ListenerHandler:
     def bound(self, sockname: Any) -> None:
         """Record the address the listener socket really got (port 0 → a real port)."""
         if isinstance(sockname, tuple) and len(sockname) >= 2:
-            heads = self.heads
-            heads.port = int(sockname[1])
-            heads.fallback_host = join_host_port(str(sockname[0]), heads.port).encode()
+            port = int(sockname[1])
+            self.heads.bind(port, join_host_port(str(sockname[0]), port).encode())
 
     # -- dispatch ---------------------------------------------------------------
 

@@ -595,37 +595,61 @@ HOSTS = [
 ]
 
 
-def test_valid_host_gives_the_matchs_answer_first_time_and_again() -> None:
-    headers_mod._VALID_HOSTS.clear()
-    for _ in range(3):
+def _upstream_host(heads: RequestHeads, host: bytes) -> bytes | None:
+    """The Host line *heads* sends upstream for a client's *host*; None if refused."""
+    _, (head, refusal, *_) = heads.build("GET", "/", [(b"Host", host)], "10.0.0.1", False)
+    if refusal is not None:
+        assert isinstance(refusal, BadHost) and head == b""
+        return None
+    return head.split(b"\r\n")[1]
+
+
+def test_remembered_hosts_give_the_answers_of_the_match_and_host_with_port() -> None:
+    heads = RequestHeads(b"http", b"X-Request-Id", 8008, b"localhost:8008", 1 << 20)
+    for _ in range(3):  # first time, then from the memory
         for host in HOSTS:
-            assert valid_host(host) is (headers_mod._HOST_RE.fullmatch(host) is not None), host
+            want = (b"Host: " + host_with_port(host, 8008, b"localhost:8008")
+                    if valid_host(host) else None)
+            assert _upstream_host(heads, host) == want, host
     # Only valid, short ones are remembered.
-    assert headers_mod._VALID_HOSTS == {
-        h for h in HOSTS
-        if headers_mod._HOST_RE.fullmatch(h) and len(h) <= headers_mod._VALID_HOST_LEN}
-    assert b"a" * 300 not in headers_mod._VALID_HOSTS
+    assert set(heads._hosts) == {
+        h for h in HOSTS if valid_host(h) and len(h) <= headers_mod._HOST_LEN}
+    assert b"a" * 300 not in heads._hosts
 
 
-def test_valid_host_memory_is_bounded() -> None:
-    headers_mod._VALID_HOSTS.clear()
-    most = headers_mod._VALID_HOSTS_MAX
+def test_valid_host_is_the_match() -> None:
+    for host in HOSTS:
+        assert valid_host(host) is (headers_mod._HOST_RE.fullmatch(host) is not None)
+    assert valid_host(b"[::1]:443") and not valid_host(b"example.org/evil")
+
+
+def test_remembered_hosts_are_bounded() -> None:
+    heads = RequestHeads(b"http", b"X-Request-Id", 8008, b"localhost", 1 << 20)
+    most = headers_mod._HOSTS_MAX
     for i in range(3 * most + 7):
-        assert valid_host(b"h%d.example.org" % i)
-        assert len(headers_mod._VALID_HOSTS) <= most
-    assert valid_host(b"h1.example.org")  # forgotten or not: the same answer
-    assert not valid_host(b"h1.example.org/x")
+        assert _upstream_host(heads, b"h%d.example.org" % i) == b"Host: h%d.example.org:8008" % i
+        assert len(heads._hosts) <= most
+    assert _upstream_host(heads, b"h1.example.org") == b"Host: h1.example.org:8008"
+    assert _upstream_host(heads, b"h1.example.org/x") is None
+
+
+def test_a_remembered_host_follows_the_bound_port() -> None:
+    # The port is set once the socket is bound (port 0 in the config): what
+    # was remembered before is not sent with the old port.
+    heads = RequestHeads(b"http", b"X-Request-Id", 0, b"localhost", 1 << 20)
+    assert _upstream_host(heads, b"example.org") == b"Host: example.org"
+    assert _upstream_host(heads, b"") == b"Host: localhost"
+    heads.bind(41234, b"127.0.0.1:41234")
+    assert _upstream_host(heads, b"example.org") == b"Host: example.org:41234"
+    assert _upstream_host(heads, b"") == b"Host: 127.0.0.1:41234"
 
 
 def test_a_remembered_host_does_not_let_an_invalid_one_through() -> None:
     heads = RequestHeads(b"http", b"X-Request-Id", 8008, b"localhost", 1 << 20)
-    ok = [(b"Host", b"example.org")]
     for _ in range(2):
-        _, (head, refusal, *_) = heads.build("GET", "/", ok, "10.0.0.1", False)
-        assert refusal is None and b"Host: example.org:8008\r\n" in head
-    _, (head, refusal, *_) = heads.build("GET", "/", [(b"Host", b"example.org/x")],
-                                         "10.0.0.1", False)
-    assert head == b"" and refusal is not None and refusal.status == 400
+        assert _upstream_host(heads, b"example.org") == b"Host: example.org:8008"
+    assert _upstream_host(heads, b"example.org/x") is None
+    assert _upstream_host(heads, b"example.org@x") is None
 
 
 def test_new_request_ids_are_sane_and_distinct() -> None:

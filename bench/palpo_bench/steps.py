@@ -377,8 +377,6 @@ def cmd_micro(args: argparse.Namespace) -> int:
             headers.sane_request_id(headers.header_value(raw, gen.rid_lower))
             or headers.new_request_id()),
         "request id: new_request_id": headers.new_request_id,
-        "host check: valid_host (a Host seen before)": lambda: headers.valid_host(
-            b"127.0.0.1:8008"),
         "request head: RequestHeads.build only (request id included)": lambda: (
             handler.heads.build("GET", target, raw, HOST, False)),
         "response head: response_block": lambda: headers.response_block(
