@@ -12,7 +12,8 @@ real. This tool measures, each under callgrind on the same small GET:
 * the gate as benchmarked, and the gate with one step *ablated*: replaced by
   a lookup of its result for the same request (``route``: the routing
   decision; ``reqhead``: the whole request-head step, checks and header rules;
-  ``resphead``: the response header rules), or with metrics or the access log
+  ``resphead``: the response header rules), or with metrics off (the bench
+  gate runs with them on) or the access log
   turned on; the difference to the gate is what the step costs in place;
 * micro-steps (``micro``): one call of a step, K times in a loop, inside one
   process under callgrind, minus the empty loop.
@@ -52,15 +53,14 @@ HOST = "127.0.0.1"
 VARIANTS = ("raw", "bare", "minproxy", "gate", "gate-route", "gate-reqhead", "gate-resphead",
             "gate-rid", "gate-protocol", "gate-route+reqhead+resphead+rid+protocol",
             "gate-gcoff", "gate-gcfreeze",
-            "gate+metrics", "gate+access", "micro", "py-spy", "py-spy-bare", "syscalls-gate",
+            "gate-metrics", "gate+access", "micro", "py-spy", "py-spy-bare", "syscalls-gate",
             "syscalls-bare")
 
 #: Functions whose inclusive share of the gate's samples py-spy reports: the
 #: steps of a proxied request, and aiohttp's machinery around the handler.
 PYSPY_STEPS = {
     "route (Router.decide)": (("decide", "palpo_gate/routing.py"),),
-    "request head (RequestHeads.build, _request_head)": (
-        ("build", "palpo_gate/headers.py"), ("_request_head", "palpo_gate/proxy.py")),
+    "request head (RequestHeads.build)": (("build", "palpo_gate/headers.py"),),
     "response head (response_block)": (("response_block", "palpo_gate/headers.py"),),
     "request id (header_value/new_request_id/sane)": (
         ("header_value", "palpo_gate/headers.py"), ("__call__", "palpo_gate/headers.py"),
@@ -186,18 +186,19 @@ def drive(args: argparse.Namespace) -> int:
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO_DIR)}
     results: dict[str, Any] = {}
 
-    def gate_variant(ablations: str, metrics: bool = False, access: bool = False) -> Any:
+    def gate_variant(ablations: str, metrics: bool = True, access: bool = False) -> Any:
         def start(prefix: list[str]) -> Any:
             assert ctx.upstream is not None
             workdir = tmp / f"gate-{ctx.starts}"
             ctx.starts += 1
             workdir.mkdir()
-            ports = {"plain": procs.free_port(), "tls": procs.free_port()}
+            ports = {"plain": procs.free_port(), "tls": procs.free_port(),
+                     "metrics": procs.free_port()}
             toml = arms.gate_toml(ctx, ctx.upstream.ports["plain"], ports)
             if access:
                 toml = toml.replace('access = "off"', 'access = "plain"')
-            if metrics:
-                toml += f'\n[metrics]\nbind = "{HOST}:{procs.free_port()}"\n'
+            if not metrics:
+                toml = toml[:toml.index("\n[metrics]")] + "\n"
             conf = workdir / "gate.toml"
             conf.write_text(toml)
             svc = procs.launch("gate", [*procs.pin(cpu_proxy), *prefix, *me, "serve", "--ablate",
@@ -238,7 +239,7 @@ def drive(args: argparse.Namespace) -> int:
         "gate-gcfreeze": gate_variant("gcfreeze"),
         "gate-route+reqhead+resphead+rid+protocol": gate_variant(
             "route,reqhead,resphead,rid,protocol"),
-        "gate+metrics": gate_variant("", metrics=True),
+        "gate-metrics": gate_variant("", metrics=False),
         "gate+access": gate_variant("", access=True),
     }
     try:
@@ -261,11 +262,13 @@ def drive(args: argparse.Namespace) -> int:
                 max(200, args.requests // 5), 3, common.log)
         if "micro" in only:
             conf = tmp / "micro.toml"
-            conf.write_text(arms.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443}))
+            conf.write_text(arms.gate_toml(ctx, 9, {"plain": 8008, "tls": 8443,
+                                                    "metrics": 9090}))
             out_file = tmp / "callgrind" / "callgrind.micro"
             out_file.parent.mkdir(exist_ok=True)
             proc = subprocess.run([*instructions.callgrind_prefix(out_file), *me, "micro",
                                    "--config", str(conf), "--k", str(args.k),
+                                   "--steps", args.steps,
                                    "--out-file", str(out_file)],
                                   capture_output=True, text=True, env=env, timeout=1800)
             if proc.returncode != 0:
@@ -321,10 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--k", type=int, default=2000)
     p.add_argument("--out-file", required=True)
+    p.add_argument("--steps", default="")
     ap.add_argument("--only", help=f"comma-separated, from {','.join(VARIANTS)}")
     ap.add_argument("--requests", type=int, default=2000, help="small GETs per measurement")
     ap.add_argument("--conns", type=int, default=64, help="keep-alive connections")
     ap.add_argument("--k", type=int, default=2000, help="calls per micro-step")
+    ap.add_argument("--steps", default="",
+                    help="micro: only the steps whose names contain one of these (comma-separated)")
     ap.add_argument("--seconds", type=int, default=15, help="py-spy recording under wrk")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     ap.add_argument("--keep-tmp", action="store_true")

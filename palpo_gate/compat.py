@@ -15,6 +15,7 @@ and the forwarded response sets the few fields aiohttp's ``__init__`` would.
 from __future__ import annotations
 
 import asyncio
+import operator
 from typing import Any
 
 from aiohttp import base_protocol, web, web_protocol
@@ -34,6 +35,14 @@ C_PARSER = web_protocol.HttpRequestParser.__module__ == "aiohttp._http_parser"
 #: parses what came and queues the messages): a plain function, so that the
 #: gate's override calls it without a ``super()`` lookup on every read.
 aiohttp_data_received = web_protocol.RequestHandler.data_received
+
+#: aiohttp 3.14 ``BaseRequest._message`` (the parser's ``RawRequestMessage``:
+#: ``method``, ``path``, ``version``, ``raw_headers``, ...) and
+#: ``BaseRequest._protocol`` (the connection's ``RequestHandler``), in one C
+#: call: the public ``method``, ``raw_path``, ``version``, ``raw_headers``
+#: and ``protocol`` are each a call into Python the first time they are read,
+#: which is every request. ``request_parts(request) -> (message, protocol)``
+request_parts = operator.attrgetter("_message", "_protocol")
 
 _Handler = web_protocol.RequestHandler
 _Base = base_protocol.BaseProtocol

@@ -75,6 +75,19 @@ _COLON = ord(":")
 
 #: A valid Host: ``uri-host [ ":" port ]`` (RFC 9110 section 7.2): no '/', '@', spaces.
 _HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")
+#: RequestHeads remembers the Hosts it found valid, with the Host each one
+#: becomes upstream (:func:`host_with_port`): clients send the same few, and a
+#: dict lookup costs a fraction of the match and the call. Bounded (emptied
+#: when full), and only short Hosts are kept, so a client sending a new Host
+#: per request costs at most _HOSTS_MAX x _HOST_LEN bytes and the match it
+#: costs anyway. Invalid ones are never kept: their answer is always the match's.
+_HOSTS_MAX = 1024
+_HOST_LEN = 128
+
+
+def valid_host(host: bytes) -> bool:
+    """Whether *host* is a valid Host value (RFC 9110 section 7.2)."""
+    return _HOST_RE.fullmatch(host) is not None
 
 
 def sane_request_id(value: bytes | None) -> bool:
@@ -91,15 +104,16 @@ class _RequestIds:
         os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
-        self._prefix = os.urandom(10).hex().encode()
+        #: the prefix in the format: an id is one ``%`` of one int, no tuple
+        self._format = os.urandom(10).hex().encode() + b"%012x"
         self._count = 0
 
     def __call__(self) -> bytes:
-        self._count += 1
-        if self._count > 0xFFFFFFFFFFFF:
+        count = self._count = self._count + 1
+        if count > 0xFFFFFFFFFFFF:
             self.reset()
-            self._count = 1
-        return b"%s%012x" % (self._prefix, self._count)
+            count = self._count = 1
+        return self._format % count
 
 
 new_request_id = _RequestIds()
@@ -146,8 +160,8 @@ class RequestHeads:
     costs one pass, not one lookup per header the gate needs.
     """
 
-    __slots__ = ("_rid_tail", "buffer_upload", "fallback_host", "max_body", "new_id", "port",
-                 "proto", "rid_lower", "rid_name")
+    __slots__ = ("_hosts", "_rid_tail", "buffer_upload", "fallback_host", "max_body", "new_id",
+                 "port", "proto", "rid_lower", "rid_name")
 
     def __init__(self, proto: bytes, request_id_name: bytes, port: int, fallback_host: bytes,
                  max_body: int, buffer_upload: Callable[[str, str], bool] | None = None,
@@ -162,12 +176,21 @@ class RequestHeads:
         #: the client sent none (:func:`host_with_port`)
         self.port = port
         self.fallback_host = fallback_host
+        #: valid Hosts seen, and the Host each is sent upstream as (see _HOSTS_MAX)
+        self._hosts: dict[bytes, bytes] = {}
         #: limits.max_body_size: a larger Content-Length is refused
         self.max_body = max_body
         #: forwarding.buffer_chunked_uploads: (method, target) -> whether a
         #: chunked body is collected first; None when off
         self.buffer_upload = buffer_upload
         self.new_id = new_id
+
+    def bind(self, port: int, fallback_host: bytes) -> None:
+        """Set the port added to a Host without one, and the Host sent when
+        the client gave none (once the listener's socket is bound)."""
+        self.port = port
+        self.fallback_host = fallback_host
+        self._hosts.clear()  # what they were made of changed
 
     def build(self, method: str, target: str, headers: RawHeaders, client_addr: str,
               peer_trusted: bool
@@ -252,8 +275,19 @@ class RequestHeads:
         else:
             framing = b"\r\n"
             has_body = False
-        if host is not None and _HOST_RE.fullmatch(host) is None:
-            return rid, (b"", BadHost("invalid Host header"), False, False, False, False)
+        if host is None:
+            upstream_host = self.fallback_host
+        else:
+            known = self._hosts.get(host)
+            if known is None:
+                if _HOST_RE.fullmatch(host) is None:
+                    return rid, (b"", BadHost("invalid Host header"), False, False, False, False)
+                known = host_with_port(host, self.port, self.fallback_host)
+                if len(host) <= _HOST_LEN:
+                    if len(self._hosts) >= _HOSTS_MAX:
+                        self._hosts.clear()
+                    self._hosts[host] = known
+            upstream_host = known
         if connection:
             lines, named = _drop_named(connection, lines, lnames)
             if b"x-forwarded-for" in named:
@@ -275,8 +309,7 @@ class RequestHeads:
             tail = b"%b%b\r\n" % (rid_tail, rid)
         head = b"".join((
             b"%b %b HTTP/1.1\r\nHost: %b\r\n" % (
-                method.encode(), target.encode("utf-8", "surrogateescape"),
-                host_with_port(host, self.port, self.fallback_host)),
+                method.encode(), target.encode("utf-8", "surrogateescape"), upstream_host),
             *lines,
             tail,
             framing,

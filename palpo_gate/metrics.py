@@ -149,9 +149,11 @@ _BUILTIN: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-class _Series:
+class Series:
     """One (listener, route): the duration histogram, byte counts and the
-    request count per status, updated in place by :meth:`Registry.observe`."""
+    request count per status, updated in place by :meth:`observe`. The proxy
+    holds the series of its (listener, route) pairs (:meth:`Registry.series`)
+    and counts into them directly: no label lookup per request."""
 
     __slots__ = ("by_status", "bytes_in", "bytes_out", "counts", "sum")
 
@@ -161,6 +163,18 @@ class _Series:
         self.bytes_in = 0
         self.bytes_out = 0
         self.by_status: dict[int, int] = {}
+
+    def observe(self, status: int, duration: float, bytes_in: int, bytes_out: int) -> None:
+        """Count one answered request: *duration* in seconds, *bytes_in* the
+        request body bytes sent upstream, *bytes_out* the response body bytes
+        sent to the client."""
+        # bisect_left: the first bound >= duration, as `le` means "<=".
+        self.counts[bisect_left(BUCKETS, duration)] += 1
+        self.sum += duration
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        by_status = self.by_status
+        by_status[status] = by_status.get(status, 0) + 1
 
 
 class Registry:
@@ -172,7 +186,7 @@ class Registry:
         """*listeners*: names whose per-listener series show 0 before any traffic;
         *log_drops*: read at scrape time, the log lines dropped so far per
         stream (:func:`logpipe.dropped`)."""
-        self._series: dict[tuple[str, str], _Series] = {}
+        self._series: dict[tuple[str, str], Series] = {}
         self._upstream_errors: dict[str, int] = dict.fromkeys(UPSTREAM_ERROR_KINDS, 0)
         self._client_connections: dict[str, int] = dict.fromkeys(listeners, 0)
         self._gauges: dict[str, tuple[str, tuple[str, ...], Callable[[], GaugeValue]]] = {}
@@ -186,27 +200,22 @@ class Registry:
 
     def observe(self, listener: str, route: str, status: int, duration: float,
                 bytes_in: int, bytes_out: int) -> None:
-        """Count one answered request: *duration* in seconds, *bytes_in* the
-        request body bytes sent upstream, *bytes_out* the response body bytes
-        sent to the client."""
+        """Count one answered request (:meth:`Series.observe`) under
+        (*listener*, *route*)."""
         try:
             s = self._series[listener, route]
         except KeyError:
-            s = self._new_series(listener, route)
-        # bisect_left: the first bound >= duration, as `le` means "<=".
-        s.counts[bisect_left(BUCKETS, duration)] += 1
-        s.sum += duration
-        s.bytes_in += bytes_in
-        s.bytes_out += bytes_out
-        by_status = s.by_status
-        by_status[status] = by_status.get(status, 0) + 1
+            s = self.series(listener, route)
+        s.observe(status, duration, bytes_in, bytes_out)
 
-    def _new_series(self, listener: str, route: str) -> _Series:
+    def series(self, listener: str, route: str) -> Series:
+        """The series of (*listener*, *route*), to count into directly. It is
+        exported from its first request on, as with :meth:`observe`."""
         # An unknown route is counted as "other" and never stored under its
         # own key: the label set stays the fixed ROUTES whatever the caller passes.
         if route not in ROUTES:
             route = "other"
-        return self._series.setdefault((listener, route), _Series())
+        return self._series.setdefault((listener, route), Series())
 
     def upstream_error(self, kind: str) -> None:
         """Count one upstream failure; *kind* is one of :data:`UPSTREAM_ERROR_KINDS`."""
@@ -285,6 +294,8 @@ class Registry:
         bytes_in = dict.fromkeys(self._client_connections, 0)
         bytes_out = dict.fromkeys(self._client_connections, 0)
         for (listener, route), s in list(self._series.items()):
+            if not s.by_status:
+                continue  # held by a handler (series()), never counted into yet
             for status, n in list(s.by_status.items()):
                 requests.append([[listener, route, str(status)], n])
             durations.append([[listener, route], {"buckets": list(s.counts), "sum": s.sum}])

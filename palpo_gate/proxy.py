@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import clients, spool, wellknown
+from . import clients, compat, spool, wellknown
 from . import headers as hdr
 from .accesslog import AccessLog
 from .config import UNIX_PEER, Config, Listener, join_host_port
@@ -44,7 +44,7 @@ from .errors import (
     error_body,
 )
 from .exchange import may_retry
-from .metrics import Registry
+from .metrics import Registry, Series
 from .ratelimit import Policy
 from .response import ProxiedResponse
 from .routing import ALLOW, Action, Decision, Router, media_upload
@@ -60,6 +60,11 @@ _ROUTE = {
     Action.NOT_FOUND: "not_found", Action.BAD_REQUEST: "bad_request",
 }
 _NO_BODY_STATUSES = frozenset({204, 304})
+# Bound once: a module global is one dict lookup, an Action member through
+# its class two, on every request.
+_FORWARD = Action.FORWARD
+_ADMIN = Action.ADMIN
+_HEALTH = Action.HEALTH
 _WK_HEADERS = (*wellknown.CORS_HEADERS, wellknown.CACHE_CONTROL)
 #: In a target, the parameter of a Matrix long-poll (``/sync?timeout=30000``)
 _LONG_POLL = "timeout="
@@ -127,45 +132,62 @@ class ListenerHandler:
         self.retired = False
         #: set by the listener (plain HTTP, [acme] set): answers ACME HTTP-01
         self.acme: Any = None
+        # What every request reads of the generation, bound once.
+        self._trusted = gen.trusted_set if gen.trusted_set else None
+        self._pool = gen.pool
+        self._read_timeout = gen.read_timeout
+        #: whether a request's duration is measured (access log or metrics)
+        self._timed = gen.access.enabled or gen.metrics is not None
+        #: the metrics series of forwarded requests, per route (Registry.series):
+        #: looked up once here, not on every request
+        metrics = gen.metrics
+        self._forward_series = (None if metrics is None
+                                else metrics.series(self.name, _ROUTE[_FORWARD]))
+        self._admin_series = (None if metrics is None
+                              else metrics.series(self.name, _ROUTE[_ADMIN]))
 
     def bound(self, sockname: Any) -> None:
         """Record the address the listener socket really got (port 0 → a real port)."""
         if isinstance(sockname, tuple) and len(sockname) >= 2:
-            heads = self.heads
-            heads.port = int(sockname[1])
-            heads.fallback_host = join_host_port(str(sockname[0]), heads.port).encode()
+            port = int(sockname[1])
+            self.heads.bind(port, join_host_port(str(sockname[0]), port).encode())
 
     # -- dispatch ---------------------------------------------------------------
 
     def __call__(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         """Decide, then return the coroutine that answers: a plain function, so
         that a forwarded request runs one coroutine frame deep."""
-        method = request.method
-        target = request.raw_path
+        # The request's method, raw target, version and raw headers, as
+        # request.method, .raw_path, .version and .raw_headers give them.
+        message, protocol = compat.request_parts(request)
+        method = message.method
+        target = message.path
         decision = self.router.decide(method, target)
         action = decision.action
         gen = self.gen
-        if request.version != (1, 1) and request.version != (1, 0):
+        version = message.version
+        if version != (1, 1) and version != (1, 0):
             # Refused before the handler (server.py); kept for any path around it.
             return _ready(self._answer(VERSION_NOT_SUPPORTED, True, hdr.new_request_id()))
-        if action is Action.HEALTH:
+        if action is _HEALTH:
             resp: web.StreamResponse = _health(method)
             if self.retired:
                 resp.force_close()
             if gen.metrics is not None:
                 gen.metrics.observe(self.name, "health", resp.status, 0.0, 0, 0)
             return _ready(resp)
-        protocol = request.protocol
-        client = getattr(protocol, "client_addr", None)
-        if client is None:
+        try:
+            client = protocol.client_addr  # read once per connection (listeners.py)
+        except AttributeError:
             client = _client_addr(request)
         # The connection address (TCP peer or PROXY header) is what X-Forwarded-For
         # appends; behind trusted proxies the client is further left (clients.py).
         peer = client
-        trusted = bool(gen.trusted_set) and peer in gen.trusted_set
+        trusted_set = self._trusted
+        trusted = trusted_set is not None and peer in trusted_set
         if trusted:
-            client = clients.forwarded_client(peer, clients.xff_values(request.raw_headers),
-                                              gen.trusted_set)
+            client = clients.forwarded_client(peer, clients.xff_values(message.raw_headers),
+                                              trusted_set)
         if self.acme is not None and target.startswith(_ACME_CHALLENGE):
             # RFC 8555 section 8.3, for any Host: answered here, never forwarded.
             resp = self.acme.http01_response(method, target)
@@ -175,21 +197,20 @@ class ListenerHandler:
             rid = self._rid(request)
             resp = self._answer(MISDIRECTED, decision.matrix, rid)
             return _ready(self._local(request, decision, client, rid, resp))
-        if action is Action.FORWARD or (
-                action is Action.ADMIN and _in(client, gen.allow_admin)):
+        if action is _FORWARD or (action is _ADMIN and _in(client, gen.allow_admin)):
             if method != "OPTIONS" or not decision.matrix:
                 # The client's request id comes out of the head's one pass
                 # (its checks are made in _forward, through the funnel).
-                rid, req = self.heads.build(method, target, request.raw_headers, peer, trusted)
+                rid, req = self.heads.build(method, target, message.raw_headers, peer, trusted)
+                series = self._forward_series if action is _FORWARD else self._admin_series
                 rate = gen.rate
                 if rate is not None and (rate.every or (method == "POST" and rate.posts)):
                     rules = rate.rules(method, decision.path)  # [rate_limits] (ratelimit.py)
                     if rules:
                         return self._forward_limited(rate, rules, request, method, target,
-                                                     decision.matrix, client, rid,
-                                                     _ROUTE[action], req)
+                                                     decision.matrix, client, rid, series, req)
                 return self._forward(request, method, target, decision.matrix, client, rid,
-                                     _ROUTE[action], req)
+                                     series, req)
             # A CORS preflight: browsers reject any non-2xx answer to it, so
             # forwarding it would turn an upstream outage into a CORS failure
             # instead of a readable 502. The Matrix client-server spec ("Web
@@ -285,12 +306,13 @@ class ListenerHandler:
 
     async def _forward_limited(self, rate: Policy, rules: Any, request: web.BaseRequest,
                                method: str, target: str, matrix: bool, client: str, rid: bytes,
-                               route: str, req: hdr.RequestHead) -> web.StreamResponse:
+                               series: Series | None, req: hdr.RequestHead
+                               ) -> web.StreamResponse:
         """[rate_limits]: a 429 of the gate's own when *client* is over a limit
         (ratelimit.py), else forward."""
         resp = await rate.check(rules, client)
         if resp is None:
-            return await self._forward(request, method, target, matrix, client, rid, route,
+            return await self._forward(request, method, target, matrix, client, rid, series,
                                        req)
         gen = self.gen
         resp.headers[gen.rid_name.decode()] = rid.decode()
@@ -305,22 +327,34 @@ class ListenerHandler:
         return resp
 
     async def _forward(self, request: web.BaseRequest, method: str, target: str,
-                       matrix: bool, client: str, rid: bytes, route: str, req: hdr.RequestHead
-                       ) -> web.StreamResponse:
+                       matrix: bool, client: str, rid: bytes, series: Series | None,
+                       req: hdr.RequestHead) -> web.StreamResponse:
         """Forward one request (again if :func:`exchange.may_retry` allows), relay
         the response; failures go to the one funnel, :meth:`_failed`. *client*
         is the client (logs, limits); *req* its head, as
-        :meth:`headers.RequestHeads.build` made it."""
-        gen = self.gen
-        started = time.monotonic() if gen.access.enabled or gen.metrics is not None else 0.0
+        :meth:`headers.RequestHeads.build` made it; *series* where its metrics go
+        (None: off)."""
+        started = time.monotonic() if self._timed else 0.0
         rec = _Record()
         resp: web.StreamResponse | None = None
         try:
-            head, has_body, chunked, buffer = self._request_head(request, req)
+            # The head to send upstream, whether a body follows, whether it is
+            # chunked, and whether it is a chunked upload to collect first (the
+            # head then has no framing yet: spool.with_length adds it).
+            head, refusal, has_body, chunked, buffer, expect = req
+            if refusal is not None:
+                # The 400 / 413 of a head the gate will not take (docs/DESIGN.md
+                # section 3, 5).
+                raise refusal
+            if expect and request.version >= (1, 1):
+                # web.Server never answers Expect itself; the request has
+                # passed every check of its head (size, Host), so invite the
+                # body now (RFC 9110 section 10.1.1), never before a refusal.
+                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
             if buffer:
                 request, head = await self._collect(request, head, rec)
-            read_timeout = gen.read_timeout
-            pool = gen.pool
+            read_timeout = self._read_timeout
+            pool = self._pool
             if _LONG_POLL in target:
                 # A Matrix long-poll (/sync, /events): held for up to its
                 # timeout, with no need of the connection's idle timer
@@ -330,13 +364,13 @@ class ListenerHandler:
                     drop()
             for attempt in (0, 1):
                 conn = rec.conn = (pool.idle() if attempt == 0 else None) or await pool.connect()
-                conn.begin(head_only=method == "HEAD")
+                conn.begin(method == "HEAD")
                 conn.write(head)
                 pump = None
                 if has_body:
-                    pump = rec.pump = _BodyPump(request, conn, chunked,
-                                                gen.limits.max_body_size,
-                                                gen.limits.body_timeout, read_timeout)
+                    limits = self.gen.limits
+                    pump = rec.pump = _BodyPump(request, conn, chunked, limits.max_body_size,
+                                                limits.body_timeout, read_timeout)
                 try:
                     # No response deadline while the body is sent (_BodyPump.sending).
                     while (fut := conn.wait_head(None if pump is not None and pump.sending
@@ -359,8 +393,8 @@ class ListenerHandler:
                     # The client is behind: hold the upstream too, so a
                     # stalled client costs one piece, not one per side.
                     conn.pause()
-                    await _drain(out, gen.limits.body_timeout)
-            conn.finish(reusable=pump is None or pump.done())
+                    await _drain(out, self.gen.limits.body_timeout)
+            conn.finish(pump is None or pump.done())
             rec.conn = None
             resp = out
         except GateError as exc:
@@ -370,7 +404,20 @@ class ListenerHandler:
             request.protocol.force_close()
             resp = rec.response or web.Response(status=499)
         finally:
-            self._done(request, rec, client, rid, route, started, resp)
+            # Release what the request held; its access line and metrics.
+            if (pump := rec.pump) is not None:
+                rec.bytes_in = pump.consumed
+                pump.cancel()
+            if rec.conn is not None:
+                rec.conn.finish(False)
+            if rec.spooled is not None:
+                rec.spooled.close()
+            access = self.gen.access
+            if access.enabled:
+                access.write(request, self.name, client, rec, started, rid, resp)
+            if series is not None:
+                series.observe(resp.status if resp is not None else 499,
+                               time.monotonic() - started, rec.bytes_in, rec.bytes_out)
         return resp
 
     async def _collect(self, request: web.BaseRequest, head: bytes, rec: _Record
@@ -414,42 +461,6 @@ class ListenerHandler:
             return rec.response
         return self._error(row.status, exc.public, matrix, rid, close=row.close,
                            errcode=row.errcode)
-
-    def _done(self, request: web.BaseRequest, rec: _Record, client: str, rid: bytes,
-              route: str, started: float, resp: web.StreamResponse | None) -> None:
-        """Release what the request held; its access line and metrics."""
-        if (pump := rec.pump) is not None:
-            rec.bytes_in = pump.consumed
-            pump.cancel()
-        if rec.conn is not None:
-            rec.conn.finish(reusable=False)
-        if rec.spooled is not None:
-            rec.spooled.close()
-        gen = self.gen
-        if gen.access.enabled:
-            gen.access.write(request, self.name, client, rec, started, rid, resp)
-        if gen.metrics is not None:
-            gen.metrics.observe(self.name, route, resp.status if resp is not None else 499,
-                                time.monotonic() - started, rec.bytes_in, rec.bytes_out)
-
-    def _request_head(self, request: web.BaseRequest, req: hdr.RequestHead
-                      ) -> tuple[bytes, bool, bool, bool]:
-        """The head to send upstream, whether a body follows, whether it is
-        chunked, and whether it is a chunked upload to collect first (the head
-        then has no framing yet: :func:`spool.with_length` adds it), from *req*
-        (:meth:`headers.RequestHeads.build`).
-
-        Raises the 400 / 413 of a head the gate will not take (docs/DESIGN.md section 3, 5).
-        """
-        head, refusal, has_body, chunked, buffer, expect = req
-        if refusal is not None:
-            raise refusal
-        if expect and request.version >= (1, 1):
-            # web.Server never answers Expect itself; the request has
-            # passed every check of its head (size, Host), so invite the
-            # body now (RFC 9110 section 10.1.1), never before a refusal.
-            request.transport.write(_CONTINUE)  # type: ignore[union-attr]
-        return head, has_body, chunked, buffer
 
 
 class _BodyPump:
@@ -514,7 +525,7 @@ class _BodyPump:
 
 class _Record:
     """What the access log says about one request, and what it holds while
-    it is forwarded (released by :meth:`ListenerHandler._done`)."""
+    it is forwarded (released at the end of :meth:`ListenerHandler._forward`)."""
 
     __slots__ = ("bytes_in", "bytes_out", "conn", "error", "pump", "response", "spooled",
                  "upstream_status")

@@ -155,3 +155,26 @@ async def _one_request(srv: web.Server, request: bytes) -> bytes:
         listener.close()
         await srv.shutdown(1)
     return response
+
+
+async def test_request_parts_are_what_the_public_properties_give() -> None:
+    """compat.request_parts reads the parser's message and the connection: the
+    method, raw target, version and raw headers the handler takes from the
+    message are what request.method, .raw_path, .version and .raw_headers say."""
+    seen: dict[str, object] = {}
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        message, protocol = compat.request_parts(request)
+        seen["parts"] = (message.method, message.path, message.version, message.raw_headers,
+                         protocol)
+        seen["public"] = (request.method, request.raw_path, request.version,
+                          request.raw_headers, request.protocol)
+        return web.Response(text="ok")
+
+    await _one_request(web.Server(handler),
+                       b"PUT /a/%2Fb?c=d%20 HTTP/1.0\r\nHost: x\r\nX-A: 1\r\n"
+                       b"Content-Length: 0\r\n\r\n")
+    assert seen["parts"] == seen["public"]
+    method, path, version, raw, _ = seen["parts"]  # type: ignore[misc]
+    assert (method, path, version) == ("PUT", "/a/%2Fb?c=d%20", (1, 0))
+    assert raw == ((b"Host", b"x"), (b"X-A", b"1"), (b"Content-Length", b"0"))

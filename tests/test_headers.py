@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from palpo_gate import headers as headers_mod
 from palpo_gate.errors import BadHost, BadRequestBody, BodyTooLarge
 from palpo_gate.headers import (
     RequestHead,
@@ -16,6 +17,7 @@ from palpo_gate.headers import (
     new_request_id,
     response_block,
     sane_request_id,
+    valid_host,
 )
 
 H = list[tuple[bytes, bytes]]
@@ -582,6 +584,72 @@ def test_sane_request_id_accepts(value: bytes) -> None:
 @pytest.mark.parametrize("value", BAD_IDS)
 def test_sane_request_id_refuses(value: bytes | None) -> None:
     assert sane_request_id(value) is False
+
+
+#: Host values and whether they are valid (RFC 9110 section 7.2).
+HOSTS = [
+    b"example.org", b"example.org:8448", b"127.0.0.1:8008", b"[::1]:443", b"[::1]", b"",
+    b"EXAMPLE.org.", b"a" * 300, b"a" * 128, b"a" * 129 + b":1",
+    b"example.org/evil", b"user@example.org", b"exa mple.org", b"[::1", b"example.org:80x",
+    b"a" * 300 + b"@",
+]
+
+
+def _upstream_host(heads: RequestHeads, host: bytes) -> bytes | None:
+    """The Host line *heads* sends upstream for a client's *host*; None if refused."""
+    _, (head, refusal, *_) = heads.build("GET", "/", [(b"Host", host)], "10.0.0.1", False)
+    if refusal is not None:
+        assert isinstance(refusal, BadHost) and head == b""
+        return None
+    return head.split(b"\r\n")[1]
+
+
+def test_remembered_hosts_give_the_answers_of_the_match_and_host_with_port() -> None:
+    heads = RequestHeads(b"http", b"X-Request-Id", 8008, b"localhost:8008", 1 << 20)
+    for _ in range(3):  # first time, then from the memory
+        for host in HOSTS:
+            want = (b"Host: " + host_with_port(host, 8008, b"localhost:8008")
+                    if valid_host(host) else None)
+            assert _upstream_host(heads, host) == want, host
+    # Only valid, short ones are remembered.
+    assert set(heads._hosts) == {
+        h for h in HOSTS if valid_host(h) and len(h) <= headers_mod._HOST_LEN}
+    assert b"a" * 300 not in heads._hosts
+
+
+def test_valid_host_is_the_match() -> None:
+    for host in HOSTS:
+        assert valid_host(host) is (headers_mod._HOST_RE.fullmatch(host) is not None)
+    assert valid_host(b"[::1]:443") and not valid_host(b"example.org/evil")
+
+
+def test_remembered_hosts_are_bounded() -> None:
+    heads = RequestHeads(b"http", b"X-Request-Id", 8008, b"localhost", 1 << 20)
+    most = headers_mod._HOSTS_MAX
+    for i in range(3 * most + 7):
+        assert _upstream_host(heads, b"h%d.example.org" % i) == b"Host: h%d.example.org:8008" % i
+        assert len(heads._hosts) <= most
+    assert _upstream_host(heads, b"h1.example.org") == b"Host: h1.example.org:8008"
+    assert _upstream_host(heads, b"h1.example.org/x") is None
+
+
+def test_a_remembered_host_follows_the_bound_port() -> None:
+    # The port is set once the socket is bound (port 0 in the config): what
+    # was remembered before is not sent with the old port.
+    heads = RequestHeads(b"http", b"X-Request-Id", 0, b"localhost", 1 << 20)
+    assert _upstream_host(heads, b"example.org") == b"Host: example.org"
+    assert _upstream_host(heads, b"") == b"Host: localhost"
+    heads.bind(41234, b"127.0.0.1:41234")
+    assert _upstream_host(heads, b"example.org") == b"Host: example.org:41234"
+    assert _upstream_host(heads, b"") == b"Host: 127.0.0.1:41234"
+
+
+def test_a_remembered_host_does_not_let_an_invalid_one_through() -> None:
+    heads = RequestHeads(b"http", b"X-Request-Id", 8008, b"localhost", 1 << 20)
+    for _ in range(2):
+        assert _upstream_host(heads, b"example.org") == b"Host: example.org:8008"
+    assert _upstream_host(heads, b"example.org/x") is None
+    assert _upstream_host(heads, b"example.org@x") is None
 
 
 def test_new_request_ids_are_sane_and_distinct() -> None:

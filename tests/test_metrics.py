@@ -240,6 +240,28 @@ def test_observe_moves_the_counters() -> None:
     assert total[("client", "forward")] == pytest.approx(0.243)
 
 
+def test_a_held_series_counts_as_observe_does_and_shows_once_counted() -> None:
+    # The proxy holds its (listener, route) series (Registry.series) and counts
+    # into them directly: nothing is exported before the first request, and
+    # then the same as through observe().
+    held = Registry(["client"])
+    fwd = held.series("client", "forward")
+    other = held.series("client", "no-such-route")
+    assert held.series("client", "forward") is fwd
+    assert held.series("client", "other") is other
+    direct = Registry(["client"])
+    direct.start_time = held.start_time
+    assert held.render() == direct.render()
+    for reg_observe, args in ((fwd.observe, (200, 0.012, 10, 100)),
+                              (fwd.observe, (502, 0.2, 0, 60)),
+                              (other.observe, (404, 0.0, 0, 0))):
+        reg_observe(*args)
+    direct.observe("client", "forward", 200, 0.012, 10, 100)
+    direct.observe("client", "forward", 502, 0.2, 0, 60)
+    direct.observe("client", "no-such-route", 404, 0.0, 0, 0)
+    assert held.render() == direct.render()
+
+
 #: duration → the smallest `le` whose bucket counts it ("le" means "<=").
 BUCKET_OF = [
     (0.0, "0.005"), (0.005, "0.005"), (0.0050001, "0.01"), (0.01, "0.01"), (0.3, "0.5"),
