@@ -66,7 +66,8 @@ PYSPY_STEPS = {
     "request id (header_value/new_request_id/sane)": (
         ("header_value", "palpo_gate/headers.py"), ("__call__", "palpo_gate/headers.py"),
         ("sane_request_id", "palpo_gate/headers.py")),
-    "pool checkout (Pool.acquire)": (("acquire", "palpo_gate/upstream.py"),),
+    "pool checkout (Pool.idle/acquire)": (("idle", "palpo_gate/upstream.py"),
+                                          ("acquire", "palpo_gate/upstream.py")),
     "upstream write (Connection.write)": (("write", "palpo_gate/upstream.py"),),
     "response parse (Connection.data_received)": (("data_received", "palpo_gate/upstream.py"),),
     "client write (ProxiedResponse)": (("start", "palpo_gate/response.py"),
