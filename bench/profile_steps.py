@@ -22,7 +22,8 @@ real. This tool measures, each under callgrind on the same small GET:
     python bench/profile_steps.py --only micro     # some: raw,bare,minproxy,gate,
                                                   # gate-route,... micro
 
-Results: bench/results/profile-<date>.json (figures) and a table on stdout.
+Results: bench/results/profile-<date>.json (figures; ``--name`` replaces the
+date in the file name) and a table on stdout.
 The sub-commands ``serve``, ``raw``, ``minproxy`` and ``micro`` are the
 processes it starts.
 """
@@ -65,7 +66,8 @@ PYSPY_STEPS = {
     "request id (header_value/new_request_id/sane)": (
         ("header_value", "palpo_gate/headers.py"), ("__call__", "palpo_gate/headers.py"),
         ("sane_request_id", "palpo_gate/headers.py")),
-    "pool checkout (Pool.acquire)": (("acquire", "palpo_gate/upstream.py"),),
+    "pool checkout (Pool.idle/acquire)": (("idle", "palpo_gate/upstream.py"),
+                                          ("acquire", "palpo_gate/upstream.py")),
     "upstream write (Connection.write)": (("write", "palpo_gate/upstream.py"),),
     "response parse (Connection.data_received)": (("data_received", "palpo_gate/upstream.py"),),
     "client write (ProxiedResponse)": (("start", "palpo_gate/response.py"),
@@ -286,7 +288,7 @@ def drive(args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.UTC).astimezone()
     out = {"date": now.isoformat(timespec="seconds"), "requests": args.requests,
            "connections": args.conns, "results": results}
-    path = args.out / f"profile-{now:%Y-%m-%d}.json"
+    path = args.out / f"profile-{args.name or f'{now:%Y-%m-%d}'}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     if path.exists():  # keep what an earlier partial run measured
         old = json.loads(path.read_text())
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="micro: only the steps whose names contain one of these (comma-separated)")
     ap.add_argument("--seconds", type=int, default=15, help="py-spy recording under wrk")
     ap.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    ap.add_argument("--name", default="",
+                    help="the result is OUT/profile-NAME.json (default: the date)")
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args(argv)
     commands = {"serve": cmd_serve, "raw": cmd_raw, "minproxy": cmd_minproxy,

@@ -176,7 +176,7 @@ def cmd_minproxy(args: argparse.Namespace) -> int:
         pool = Pool(upstream, loop)
 
         async def handler(request: web.BaseRequest) -> web.StreamResponse:
-            conn = await pool.acquire()
+            conn = pool.idle() or await pool.connect()  # as the handler checks one out
             conn.begin(head_only=False)
             conn.write(head)
             while (fut := conn.wait_head(60.0)) is not None:
@@ -323,6 +323,9 @@ def cmd_micro(args: argparse.Namespace) -> int:
         c = await pool.acquire()
         pool._release(c)
 
+    def pool_idle() -> None:
+        pool._release(pool.idle())  # type: ignore[arg-type]
+
     def pool_checkout() -> None:
         co = acquire_coro()
         try:
@@ -381,6 +384,7 @@ def cmd_micro(args: argparse.Namespace) -> int:
             handler.heads.build("GET", target, raw, HOST, False)),
         "response head: response_block": lambda: headers.response_block(
             up_headers, gen.rid_name, rid),
+        "pool checkout: idle() + release (the handler's path)": pool_idle,
         "pool checkout: acquire coroutine + release": pool_checkout,
         "upstream exchange: begin/write/parse (httptools)/take/finish": exchange,
         "client write: ProxiedResponse init+start+send": proxied,
