@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "counters), over N small GETs each (bench/instructions.py)")
     ap.add_argument("--scaling", type=int, default=0, metavar="N",
                     help="also N interleaved rounds of the gate's small GET with workers 1 "
-                         "and 2, unpinned, wrk and the upstream on CPU 0 (palpo_bench/scaling.py)")
+                         "and 2 on every CPU, wrk and the upstream on CPU 0 "
+                         "(palpo_bench/scaling.py)")
     ap.add_argument("--instructions-conns", type=int, default=64, metavar="C",
                     help="keep-alive connections for --instructions (default 64, as wrk)")
     args = ap.parse_args(argv)

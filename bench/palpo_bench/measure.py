@@ -33,12 +33,22 @@ def measure_small_get(ctx: Ctx, proxy: Service | None, port: int, tls: bool,
                       label: str) -> dict[str, Any]:
     """wrk -t1 -c64 --latency on the ~240-byte /versions answer: req/s, p50, p99,
     and the proxy's CPU per request."""
+    before = proxy.cpu_times() if proxy else None
     res, cpu = wrk_with_cpu(ctx, proxy, url(port, VERSIONS_PATH, tls), ctx.mode.get_s, 64,
                             latency=True)
     check_wrk(ctx, label, res)
     prefix = "tls" if tls else "get"
     cpu_per_req = _per(cpu, res["requests"])
+    split: dict[str, Any] = {}
+    if proxy is not None and before is not None and not tls:
+        # User space against kernel: the gate's upstream leg is two more
+        # socket calls per request, kernel work an instruction count misses.
+        after = proxy.cpu_times()
+        for key, t0, t1 in (("user", before[0], after[0]), ("sys", before[1], after[1])):
+            per = _per(t1 - t0, res["requests"])
+            split[f"get_{key}_us_per_req"] = per * 1e6 if per is not None else None
     return {
+        **split,
         f"{prefix}_rps": res["rps"],
         f"{prefix}_p50_ms": res.get("p50_ms"),
         f"{prefix}_p99_ms": res.get("p99_ms"),

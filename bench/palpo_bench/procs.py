@@ -63,12 +63,17 @@ class Service:
 
     def cpu_seconds(self) -> float:
         """utime + stime of the whole tree (fields 14 and 15 of /proc/PID/stat)."""
-        ticks = 0
+        return sum(self.cpu_times())
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(utime, stime) of the whole tree: user space and kernel, in seconds."""
+        user = system = 0
         for pid in self.pids():
             f = _stat_fields(pid)
             if f is not None:
-                ticks += int(f[11]) + int(f[12])
-        return ticks / CLK_TCK
+                user += int(f[11])
+                system += int(f[12])
+        return user / CLK_TCK, system / CLK_TCK
 
     def rss_kib(self) -> int:
         """VmRSS summed over the tree (nginx: master + workers)."""
@@ -122,7 +127,7 @@ class Service:
 STARTED: list[Service] = []
 
 
-def pin(cpu: int | None) -> list[str]:
+def pin(cpu: int | str | None) -> list[str]:
     return [] if cpu is None else ["taskset", "-c", str(cpu)]
 
 

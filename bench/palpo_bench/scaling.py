@@ -1,6 +1,6 @@
 """--scaling N: what a second gate worker adds, in N interleaved rounds.
 
-The gate runs with ``server.workers = 1``, then 2, then 1, ... unpinned (the
+The gate runs with ``server.workers = 1``, then 2, then 1, ... on every CPU (the
 kernel places its processes), while wrk (-t1) and the fast upstream nginx stay
 pinned to CPU 0 as in every other figure. Each run: a warm-up, then the small
 GET (wrk -c64). Besides req/s and the gate's CPU per request, each run records
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import resource
 import statistics
 import time
@@ -103,9 +104,12 @@ def limit_note(med: dict[str, dict[str, Any]]) -> str:
 
 
 def _one_run(ctx: Ctx, workers: int, rnd: int) -> dict[str, Any]:
-    """A fresh gate with *workers*, unpinned; warm-up; the small GET."""
+    """A fresh gate with *workers* on every CPU; warm-up; the small GET."""
     assert ctx.upstream is not None
-    sub = dataclasses.replace(ctx, cpu_proxy=None,
+    # Every CPU, explicitly: the runner pinned itself to CPU 0, and a child
+    # started without taskset would inherit that.
+    every_cpu = ",".join(str(cpu) for cpu in range(os.cpu_count() or 1))
+    sub = dataclasses.replace(ctx, cpu_proxy=every_cpu,  # type: ignore[arg-type]
                               args=argparse.Namespace(**{**vars(ctx.args),
                                                          "gate_workers": workers}))
     gate = start_gate(sub, ctx.upstream.ports["plain"])
@@ -165,7 +169,7 @@ def markdown(sc: dict[str, Any], get_s: int) -> list[str]:
     med, ratio = sc["medians"], sc["ratio_2_to_1"]
     cpus = sorted({c for w in med.values() for c in w["cpu_busy"]})
     lines = ["## Workers scaling (`--scaling`)", "",
-             f"The gate with `server.workers` = 1 and 2, unpinned; wrk -t1 -c64 ({get_s} s, "
+             f"The gate with `server.workers` = 1 and 2 on every CPU; wrk -t1 -c64 ({get_s} s, "
              "small GET) and the upstream nginx pinned to CPU 0; rounds interleaved "
              f"({len(sc['rounds'])}). Medians; cores = CPU seconds / wall seconds.", "",
              "| workers | req/s | gate CPU per request (µs) | p99 (ms) | gate cores | "
