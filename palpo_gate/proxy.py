@@ -338,30 +338,20 @@ class ListenerHandler:
         rec = _Record()
         resp: web.StreamResponse | None = None
         try:
-            # The head to send upstream, whether a body follows, whether it is
-            # chunked, and whether it is a chunked upload to collect first (the
-            # head then has no framing yet: spool.with_length adds it).
+            # RequestHeads.build: the head, the refusal of a head the gate will
+            # not take (400 / 413, docs/DESIGN.md sections 3, 5), the framing,
+            # a chunked upload to collect first (spool.with_length frames it).
             head, refusal, has_body, chunked, buffer, expect = req
             if refusal is not None:
-                # The 400 / 413 of a head the gate will not take (docs/DESIGN.md
-                # section 3, 5).
                 raise refusal
-            if expect and request.version >= (1, 1):
-                # web.Server never answers Expect itself; the request has
-                # passed every check of its head (size, Host), so invite the
-                # body now (RFC 9110 section 10.1.1), never before a refusal.
-                request.transport.write(_CONTINUE)  # type: ignore[union-attr]
+            if expect:
+                _invite_body(request)
             if buffer:
                 request, head = await self._collect(request, head, rec)
             read_timeout = self._read_timeout
             pool = self._pool
             if _LONG_POLL in target:
-                # A Matrix long-poll (/sync, /events): held for up to its
-                # timeout, with no need of the connection's idle timer
-                # meanwhile (docs/DESIGN.md section 13).
-                drop = getattr(request.protocol, "drop_idle_timer", None)
-                if drop is not None:
-                    drop()
+                _drop_idle_timer(request)
             for attempt in (0, 1):
                 conn = rec.conn = (pool.idle() if attempt == 0 else None) or await pool.connect()
                 conn.begin(method == "HEAD")
@@ -539,6 +529,22 @@ class _Record:
         self.conn: Connection | None = None
         self.pump: _BodyPump | None = None
         self.spooled: spool.SpooledBody | None = None
+
+
+def _invite_body(request: web.BaseRequest) -> None:
+    """``Expect: 100-continue``: web.Server never answers it itself. The
+    request has passed every check of its head (size, Host), so the body is
+    invited now (RFC 9110 section 10.1.1), never before a refusal."""
+    if request.version >= (1, 1):
+        request.transport.write(_CONTINUE)  # type: ignore[union-attr]
+
+
+def _drop_idle_timer(request: web.BaseRequest) -> None:
+    """A Matrix long-poll (/sync, /events): held for up to its timeout, with
+    no need of its connection's idle timer meanwhile (docs/DESIGN.md section 13)."""
+    drop = getattr(request.protocol, "drop_idle_timer", None)
+    if drop is not None:
+        drop()
 
 
 def _retry(rec: _Record, conn: Connection, method: str) -> bool:
