@@ -218,7 +218,8 @@ NOTES = [
     "JSON from the upstream nginx); req/s, and p50 / p99 from wrk's latency distribution.",
     "CPU per request: utime+stime of the proxy's processes (/proc/PID/stat; nginx master + "
     "worker, the gate process and any children) before and after the wrk run, divided by the "
-    "requests wrk completed; req per CPU-second is its inverse. 10 ms tick resolution.",
+    "requests wrk completed; req per CPU-second is its inverse. 10 ms tick resolution. "
+    "For the plain small GET also split: utime (user space) and stime (kernel) per request.",
     "TLS small GET: the same over HTTPS, both proxies on the same self-signed RSA-2048 "
     "certificate (openssl req); `direct` TLS is wrk over TLS straight to the upstream nginx, "
     "which then terminates TLS itself.",
