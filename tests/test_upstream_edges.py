@@ -380,8 +380,10 @@ STALLED = 100
 BIG_BODY = 256 * MiB
 
 
-async def test_stalled_downloads_hold_little_memory_each(tmp_path: pathlib.Path) -> None:
-    block = b"x" * MiB
+def _big_body(fill: bytes) -> Handler:
+    """An upstream answering BIG_BODY bytes of *fill* (a small answer to
+    ``/warm-up``), as fast as the gate takes them."""
+    block = fill * MiB
 
     async def big(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if req.target.endswith(b"/warm-up"):
@@ -393,6 +395,11 @@ async def test_stalled_downloads_hold_little_memory_each(tmp_path: pathlib.Path)
             writer.write(block)
             await writer.drain()
 
+    return big
+
+
+async def test_stalled_downloads_hold_little_memory_each(tmp_path: pathlib.Path) -> None:
+    big = _big_body(b"x")
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
     async with recorder() as up:
@@ -453,18 +460,7 @@ async def test_a_client_that_stalls_after_a_fast_start_holds_little(
     # A client that read fast (large socket buffers, reads at full size on
     # both legs) and then stops: what the gate keeps for it falls back to
     # the bound of a client that never read.
-    block = b"y" * MiB
-
-    async def big(req: Req, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if req.target.endswith(b"/warm-up"):
-            writer.write(response(200, b"warm"))
-            return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                     b"Content-Length: %d\r\n\r\n" % BIG_BODY)
-        for _ in range(BIG_BODY // MiB):
-            writer.write(block)
-            await writer.drain()
-
+    big = _big_body(b"y")
     conns: list[Conn] = []
     async with recorder() as up:
         up.handler = big
