@@ -22,6 +22,7 @@ import pathlib
 import random
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import httptools
 import pytest
@@ -398,44 +399,18 @@ def _big_body(fill: bytes) -> Handler:
     return big
 
 
-async def test_stalled_downloads_hold_little_memory_each(tmp_path: pathlib.Path) -> None:
-    big = _big_body(b"x")
-    loop = asyncio.get_running_loop()
-    socks: list[socket.socket] = []
+@contextlib.asynccontextmanager
+async def _download_gate(fill: bytes, tmp_path: pathlib.Path
+                         ) -> AsyncIterator[tuple[Recorder, int, int]]:
+    """The real gate process in front of a _big_body upstream, warmed up:
+    (the upstream, the gate's port, its pid)."""
     async with recorder() as up:
-        up.handler = big
+        up.handler = _big_body(fill)
         port = free_port()
         with run_gate(_toml(up, port=port, limits='body_timeout = "120s"'), tmp_path) as gp:
-            pid = gp.proc.pid
-            try:
-                for _ in range(3):
-                    assert (await fetch(port, get("/_matrix/warm-up"))).body == b"warm"
-                await asyncio.sleep(0.3)
-                rss_before = _rss_kib(pid)
-                for _ in range(STALLED):
-                    s = socket.socket()
-                    s.setblocking(False)
-                    await loop.sock_connect(s, ("127.0.0.1", port))
-                    s.send(get("/_matrix/media/v3/download/hs/big"))  # then never read
-                    socks.append(s)
-                await up.wait_requests(3 + STALLED, timeout=30)
-                # Until the gate's memory settles: every download has filled
-                # the socket buffers and the gate holds what it holds.
-                last, settled_at, deadline = -1, time.monotonic(), time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(0.5)
-                    rss = _rss_kib(pid)
-                    if rss != last:
-                        last, settled_at = rss, time.monotonic()
-                    elif time.monotonic() - settled_at > 2:
-                        break
-                per_client = (_rss_kib(pid) - rss_before) / STALLED
-                # The gate still answers while they stall.
-                assert (await fetch(port, get("/health"))).status == 200
-            finally:
-                for s in socks:
-                    s.close()
-    assert per_client < 300, f"{per_client:.0f} KiB per stalled download"
+            for _ in range(3):
+                assert (await fetch(port, get("/_matrix/warm-up"))).body == b"warm"
+            yield up, port, gp.proc.pid
 
 
 async def _settled_rss(pid: int, timeout: float = 30) -> int:
@@ -451,6 +426,31 @@ async def _settled_rss(pid: int, timeout: float = 30) -> int:
     return _rss_kib(pid)
 
 
+async def test_stalled_downloads_hold_little_memory_each(tmp_path: pathlib.Path) -> None:
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    async with _download_gate(b"x", tmp_path) as (up, port, pid):
+        try:
+            await asyncio.sleep(0.3)
+            rss_before = _rss_kib(pid)
+            for _ in range(STALLED):
+                s = socket.socket()
+                s.setblocking(False)
+                await loop.sock_connect(s, ("127.0.0.1", port))
+                s.send(get("/_matrix/media/v3/download/hs/big"))  # then never read
+                socks.append(s)
+            await up.wait_requests(3 + STALLED, timeout=30)
+            # Until the gate's memory settles: every download has filled the
+            # socket buffers and the gate holds what it holds.
+            per_client = (await _settled_rss(pid) - rss_before) / STALLED
+            # The gate still answers while they stall.
+            assert (await fetch(port, get("/health"))).status == 200
+        finally:
+            for s in socks:
+                s.close()
+    assert per_client < 300, f"{per_client:.0f} KiB per stalled download"
+
+
 FAST_THEN_STALLED = 40
 FAST_START = 4 * MiB
 
@@ -460,34 +460,27 @@ async def test_a_client_that_stalls_after_a_fast_start_holds_little(
     # A client that read fast (large socket buffers, reads at full size on
     # both legs) and then stops: what the gate keeps for it falls back to
     # the bound of a client that never read.
-    big = _big_body(b"y")
     conns: list[Conn] = []
-    async with recorder() as up:
-        up.handler = big
-        port = free_port()
-        with run_gate(_toml(up, port=port, limits='body_timeout = "120s"'), tmp_path) as gp:
-            pid = gp.proc.pid
-            try:
-                for _ in range(3):
-                    assert (await fetch(port, get("/_matrix/warm-up"))).body == b"warm"
-                rss_before = await _settled_rss(pid)
-                for _ in range(FAST_THEN_STALLED):
-                    conn = await Conn.open(port)
-                    conns.append(conn)
-                    await conn.send(get("/_matrix/media/v3/download/hs/big"))
-                    got = 0
-                    async with asyncio.timeout(30):
-                        while got < FAST_START:  # as fast as it comes, then never again
-                            data = await conn.reader.read(MiB)
-                            assert data
-                            got += len(data)
-                    # The stream reader stops reading from the socket past its limit.
-                    conn.writer.transport.pause_reading()
-                per_client = (await _settled_rss(pid) - rss_before) / FAST_THEN_STALLED
-                assert (await fetch(port, get("/health"))).status == 200
-            finally:
-                for conn in conns:
-                    conn.writer.transport.abort()
+    async with _download_gate(b"y", tmp_path) as (_, port, pid):
+        try:
+            rss_before = await _settled_rss(pid)
+            for _ in range(FAST_THEN_STALLED):
+                conn = await Conn.open(port)
+                conns.append(conn)
+                await conn.send(get("/_matrix/media/v3/download/hs/big"))
+                got = 0
+                async with asyncio.timeout(30):
+                    while got < FAST_START:  # as fast as it comes, then never again
+                        data = await conn.reader.read(MiB)
+                        assert data
+                        got += len(data)
+                # The stream reader stops reading from the socket past its limit.
+                conn.writer.transport.pause_reading()
+            per_client = (await _settled_rss(pid) - rss_before) / FAST_THEN_STALLED
+            assert (await fetch(port, get("/health"))).status == 200
+        finally:
+            for conn in conns:
+                conn.writer.transport.abort()
     assert per_client < 300, f"{per_client:.0f} KiB per download stalled after a fast start"
 
 
