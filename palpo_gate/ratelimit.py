@@ -233,13 +233,12 @@ class _Connections:
 #   store -> worker: "<id> <n>"   H: 0 allowed, else ms to wait; C: 1 taken, 0 refused
 
 
-class _StoreSide(asyncio.Protocol):
-    """The supervisor's end of one worker's channel."""
+class _Lines(asyncio.Protocol):
+    """One end of a channel: its transport, and each complete line it reads
+    handed to :meth:`line`."""
 
-    def __init__(self, store: SharedStore) -> None:
-        self.store = store
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.held: dict[str, int] = {}
         self._buf = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -249,10 +248,25 @@ class _StoreSide(asyncio.Protocol):
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
         for line in lines:
-            try:
-                self._message(line.decode("ascii").split(" "))
-            except (ValueError, IndexError, UnicodeDecodeError):
-                log.error("rate limit store: a malformed message from a worker: %r", line[:200])
+            self.line(line)
+
+    def line(self, line: bytes) -> None:
+        raise NotImplementedError
+
+
+class _StoreSide(_Lines):
+    """The supervisor's end of one worker's channel."""
+
+    def __init__(self, store: SharedStore) -> None:
+        super().__init__()
+        self.store = store
+        self.held: dict[str, int] = {}
+
+    def line(self, line: bytes) -> None:
+        try:
+            self._message(line.decode("ascii").split(" "))
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.error("rate limit store: a malformed message from a worker: %r", line[:200])
 
     def _message(self, words: list[str]) -> None:
         op = words[1]
@@ -325,27 +339,20 @@ class SharedStore:
         self._transports.clear()
 
 
-class _WorkerSide(asyncio.Protocol):
+class _WorkerSide(_Lines):
     """A worker's end of its channel to the supervisor's store."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+        super().__init__()
         self.waiting: dict[int, asyncio.Future[int]] = {}
         self.closed = False
         self._next = 0
-        self._buf = b""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        *lines, self._buf = self._buf.split(b"\n")
-        for line in lines:
-            msg_id, _, value = line.partition(b" ")
-            fut = self.waiting.pop(int(msg_id), None)
-            if fut is not None and not fut.done():
-                fut.set_result(int(value))
+    def line(self, line: bytes) -> None:
+        msg_id, _, value = line.partition(b" ")
+        fut = self.waiting.pop(int(msg_id), None)
+        if fut is not None and not fut.done():
+            fut.set_result(int(value))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
