@@ -167,7 +167,7 @@ class ListenerHandler:
         gen = self.gen
         version = message.version
         if version != (1, 1) and version != (1, 0):
-            # Refused before the handler (server.py); kept for any path around it.
+            # Refused before the handler (listeners.py); kept for any path around it.
             return _ready(self._answer(VERSION_NOT_SUPPORTED, True, hdr.new_request_id()))
         if action is _HEALTH:
             resp: web.StreamResponse = _health(method)
