@@ -120,6 +120,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- floors -------------------------------------------------------------------
 
 
+async def _serve_until_sigterm(name: str, server: asyncio.AbstractServer) -> None:
+    """Say "<name> ready" on stderr (what the driver waits for), serve until SIGTERM."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print(f"{name} ready", file=sys.stderr, flush=True)
+    await stop.wait()
+    server.close()
+
+
 def cmd_raw(args: argparse.Namespace) -> int:
     """uvloop + httptools, no aiohttp: the bytes bare's answer has, written at once."""
     import httptools
@@ -143,12 +152,8 @@ def cmd_raw(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(Raw, HOST, args.port, backlog=4096)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        print("raw ready", file=sys.stderr, flush=True)
-        await stop.wait()
-        server.close()
+        await _serve_until_sigterm(
+            "raw", await loop.create_server(Raw, HOST, args.port, backlog=4096))
 
     uvloop.run(main())
     return 0
@@ -195,12 +200,8 @@ def cmd_minproxy(args: argparse.Namespace) -> int:
 
         server = web.Server(handler, handler_cancellation=True, auto_decompress=False,
                             access_log=None, keepalive_timeout=75.0)
-        srv = await loop.create_server(server, HOST, args.port, backlog=4096)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        print("minproxy ready", file=sys.stderr, flush=True)
-        await stop.wait()
-        srv.close()
+        await _serve_until_sigterm(
+            "minproxy", await loop.create_server(server, HOST, args.port, backlog=4096))
 
     uvloop.run(main())
     return 0
